@@ -60,7 +60,16 @@ def _lightning_cli(argv: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI
 
     class MiniVFMCLI(LightningCLI):
-        """LightningCLI that, after ``fit``, tests the best checkpoint and draws figures."""
+        """LightningCLI that takes epochs from the model's profile preset and, after ``fit``,
+        tests the best checkpoint and draws figures."""
+
+        def instantiate_trainer(self, **kwargs):
+            trainer_cfg = self._get(self.config_init, "trainer", default={})
+            epochs = getattr(self.model, "hparams", {}).get("max_epochs")
+            unset = trainer_cfg.get("max_epochs") is None and trainer_cfg.get("max_steps", -1) in (None, -1)
+            if epochs and unset and "max_epochs" not in kwargs:
+                kwargs["max_epochs"] = int(epochs)
+            return super().instantiate_trainer(**kwargs)
 
         def after_fit(self) -> None:
             trainer, model = self.trainer, self.model

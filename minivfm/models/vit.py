@@ -1,0 +1,520 @@
+"""Vision Transformer (ViT).
+
+Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words: Transformers for Image
+Recognition at Scale", https://arxiv.org/abs/2010.11929. The model, in the
+paper's equations:
+
+    z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos       (eq 1: patches, class token, positions)
+    z'_l = MSA(LN(z_{l-1})) + z_{l-1}                     (eq 2)
+    z_l = MLP(LN(z'_l)) + z'_l                            (eq 3)
+    y = LN(z_L^0)                                         (eq 4: the class token, then a linear head)
+
+Names follow timm's ``vision_transformer.py``
+(https://github.com/huggingface/pytorch-image-models), so that :meth:`ViT.from_timm`
+is a ``load_state_dict(strict=True)``.
+
+Shape glossary: B batch, C channels, H x W image, P patch size, N = HW / P^2 patches,
+D width, L depth, K classes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minivfm.nn import Block, PatchEmbed
+from minivfm.profiles import profile as _profile
+
+__all__ = ["ViTConfig", "patchify", "unpatchify", "random_shift", "ViT", "ViTClassifier", "results"]
+
+
+# -- config -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ViTConfig:
+    """Sizes of the ViT and how to train it; :meth:`preset` picks them for a profile."""
+
+    image_size: int = 32
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 10
+    embed_dim: int = 192
+    depth: int = 6
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    # training
+    batch_size: int = 128
+    max_epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    shift: int = 0  # random translation by up to this many pixels (data augmentation)
+    num_train: int = 10_000  # Shapes training images
+
+    @classmethod
+    def preset(cls, profile: str | None = None) -> ViTConfig:
+        """The config for a profile (``ci``, ``cpu``, ``gpu``; ``None`` reads ``MINIVFM_PROFILE``)."""
+        name = _profile(profile)
+        if name == "ci":
+            return cls(
+                patch_size=8, embed_dim=32, depth=2, num_heads=2, batch_size=64, max_epochs=3,
+                lr=2e-3, warmup_epochs=0.5, num_train=1024,
+            )  # fmt: skip
+        if name == "cpu":
+            return cls(
+                patch_size=4, embed_dim=96, depth=4, num_heads=3, batch_size=128, max_epochs=12,
+                lr=2e-3, warmup_epochs=1.0, num_train=8000,
+            )  # fmt: skip
+        return cls(
+            patch_size=4, embed_dim=192, depth=6, num_heads=3, batch_size=256, max_epochs=100,
+            lr=1e-3, warmup_epochs=5.0, num_train=50_000, shift=2,
+        )  # fmt: skip
+
+    def model_kwargs(self) -> dict:
+        """The arguments of :class:`ViT`."""
+        keys = ("image_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads", "mlp_ratio")
+        return {k: getattr(self, k) for k in keys}
+
+
+# -- the functions a lesson rebuilds ----------------------------------------------------------------
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """Cut images into non-overlapping patches, each flattened (MAE's ``patchify``).
+
+    Arguments:
+        images: ``(B, C, H, W)``; ``patch_size`` must divide H and W.
+        patch_size: P.
+
+    Returns:
+        ``(B, N, P*P*C)`` with patches in row-major order and each patch flattened as
+        ``(P, P, C)`` (row, column, channel), as in MAE.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    B, C, H, W = images.shape
+    P = patch_size
+    if H % P or W % P:
+        raise ValueError(f"patch_size ({P}) must divide the image size {H}x{W}")
+    x = images.reshape(B, C, H // P, P, W // P, P)  # (B, C, h, P, w, P)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # (B, h, w, P, P, C)
+    return x.reshape(B, (H // P) * (W // P), P * P * C)  # (B, N, P*P*C)
+
+
+def unpatchify(patches: Tensor, patch_size: int, image_size: int | tuple[int, int] | None = None) -> Tensor:
+    """Inverse of :func:`patchify`: ``(B, N, P*P*C) -> (B, C, H, W)``.
+
+    ``image_size`` (int or ``(H, W)``) defaults to a square grid.
+    """
+    B, N, PPC = patches.shape
+    P = patch_size
+    C = PPC // (P * P)
+    if C * P * P != PPC:
+        raise ValueError(f"patches have {PPC} values, not a multiple of patch_size^2 = {P * P}")
+    if image_size is None:
+        h = w = math.isqrt(N)
+        if h * w != N:
+            raise ValueError(f"{N} patches do not form a square grid; pass image_size")
+    else:
+        H, W = (image_size, image_size) if isinstance(image_size, int) else image_size
+        h, w = H // P, W // P
+        if h * w != N:
+            raise ValueError(f"image_size {H}x{W} with patch_size {P} has {h * w} patches, got {N}")
+    x = patches.reshape(B, h, w, P, P, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, P, w, P)
+    return x.reshape(B, C, h * P, w * P)  # (B, C, H, W)
+
+
+def random_shift(images: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
+    """Translate each image by up to ``max_shift`` pixels (edge padding, then a random crop)."""
+    if max_shift <= 0:
+        return images
+    B, C, H, W = images.shape
+    padded = F.pad(images, (max_shift,) * 4, mode="replicate")  # (B, C, H+2s, W+2s)
+    dx, dy = torch.randint(0, 2 * max_shift + 1, (2, B), generator=generator, device=images.device)
+    rows = (dy[:, None] + torch.arange(H, device=images.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(W, device=images.device))[:, None, None, :]  # (B, 1, 1, W)
+    b = torch.arange(B, device=images.device)[:, None, None, None]
+    c = torch.arange(C, device=images.device)[None, :, None, None]
+    return padded[b, c, rows, cols]  # (B, C, H, W)
+
+
+# -- the model --------------------------------------------------------------------------------------
+
+
+class ViT(nn.Module):
+    """Vision Transformer with a class token and learned positions (timm's names).
+
+    Arguments:
+        image_size: input size H = W (or ``(H, W)``).
+        patch_size: patch side P.
+        in_chans: input channels C.
+        num_classes: classes K; 0 gives no head (``forward`` returns the class token's features).
+        embed_dim: width D.
+        depth: number of blocks L.
+        num_heads: attention heads per block.
+        mlp_ratio: MLP hidden width as a multiple of D.
+        qkv_bias: bias in the Q, K, V projections.
+    """
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 32,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 10,
+        embed_dim: int = 192,
+        depth: int = 6,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
+        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """timm's init: truncated normal (std .02) for positions, class token and linear layers."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Images to tokens, eqs 1-3 and the final norm.
+
+        Arguments:
+            x: images ``(B, C, H, W)``.
+            return_attention: also return one ``(B, heads, 1+N, 1+N)`` attention tensor per block.
+
+        Returns:
+            tokens ``(B, 1+N, D)``, class token first (and the attention list).
+        """
+        x = self.patch_embed(x)  # (B, N, D), checks the input
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1+N, D)
+        attentions = []
+        for block in self.blocks:
+            if return_attention:
+                x, attn = block(x, return_attention=True)  # (B, 1+N, D), (B, heads, 1+N, 1+N)
+                attentions.append(attn)
+            else:
+                x = block(x)  # (B, 1+N, D)
+        x = self.norm(x)
+        return (x, attentions) if return_attention else x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Class token ``(B, 1+N, D)`` -> logits ``(B, K)`` (or its features ``(B, D)``)."""
+        x = x[:, 0]  # (B, D)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images ``(B, C, H, W)`` -> logits ``(B, K)``."""
+        return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def attention_maps(self, x: Tensor, layer: int | None = -1) -> Tensor | list[Tensor]:
+        """Attention weights ``(B, heads, 1+N, 1+N)`` of one block (default the last; ``None``: all)."""
+        _, attentions = self.forward_features(x, return_attention=True)
+        return attentions if layer is None else attentions[layer]
+
+    @classmethod
+    def from_timm(cls, timm_model: nn.Module) -> ViT:
+        """A ViT with the weights of a timm ``VisionTransformer``, whose outputs it reproduces.
+
+        Copies every tensor after asserting its key and shape (nanoGPT's ``from_pretrained``).
+        Dropout and drop path are training-time noise and are not copied; compare in ``eval()``.
+
+        Raises:
+            TypeError: not a timm ``VisionTransformer``.
+            ValueError: a variant this ViT cannot represent (no class token, average pooling,
+                registers, qk-norm, layer scale, pre-norm, fc-norm, other activations or norms...).
+        """
+        cfg = _config_from_timm(timm_model)
+        model = cls(**cfg)
+        ours, theirs = model.state_dict(), timm_model.state_dict()
+        missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+        assert not missing and not extra, f"state dict keys differ: missing {missing}, unexpected {extra}"
+        for key, value in ours.items():
+            assert theirs[key].shape == value.shape, f"{key}: shape {tuple(theirs[key].shape)} != {tuple(value.shape)}"
+        model.load_state_dict(theirs, strict=True)
+        return model
+
+
+def _config_from_timm(m: nn.Module) -> dict:
+    """Read the ViT arguments from a timm VisionTransformer; refuse what we cannot represent."""
+    from timm.layers import PatchEmbed as TimmPatchEmbed
+    from timm.models.vision_transformer import Attention as TimmAttention
+    from timm.models.vision_transformer import Block as TimmBlock
+    from timm.models.vision_transformer import Mlp as TimmMlp
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(m, VisionTransformer):
+        raise TypeError(f"from_timm expects a timm VisionTransformer, got {type(m).__name__}")
+
+    def refuse(why: str) -> None:
+        raise ValueError(f"ViT.from_timm cannot represent this timm model: {why}")
+
+    def is_identity(mod: nn.Module | None) -> bool:
+        return mod is None or isinstance(mod, nn.Identity)
+
+    from timm.layers import LayerNorm as TimmLayerNorm
+
+    def check_norm(mod: nn.Module, where: str) -> None:
+        if type(mod) not in (nn.LayerNorm, TimmLayerNorm):
+            refuse(f"{where} is {type(mod).__name__}, expected LayerNorm (norm_layer must be the default)")
+        if mod.eps != 1e-6 or not mod.elementwise_affine or mod.bias is None:
+            refuse(f"{where} must be LayerNorm(eps=1e-6) with weight and bias, got eps={mod.eps}")
+
+    if not m.has_class_token or m.cls_token is None:
+        refuse("it has no class token (class_token=False)")
+    if m.num_reg_tokens or getattr(m, "reg_token", None) is not None:
+        refuse(f"it has {m.num_reg_tokens} register tokens (reg_tokens must be 0)")
+    if m.global_pool != "token":
+        refuse(f"global_pool={m.global_pool!r}; only 'token' (the class token) is supported")
+    if m.pos_embed is None:
+        refuse("it has no positional embedding (pos_embed must be 'learn')")
+    if m.no_embed_class:
+        refuse("no_embed_class=True; the class token must have a position")
+    if m.dynamic_img_size:
+        refuse("dynamic_img_size=True; the image size must be fixed")
+    if not is_identity(m.norm_pre):
+        refuse("pre_norm=True (a norm_pre before the blocks)")
+    if not is_identity(m.fc_norm):
+        refuse("fc_norm is set (the final norm after pooling)")
+    if getattr(m, "attn_pool", None) is not None:
+        refuse("it pools with attention (attn_pool)")
+    if not is_identity(getattr(m, "patch_drop", None)):
+        refuse("patch dropout (patch_drop_rate > 0)")
+    check_norm(m.norm, "norm")
+    if not isinstance(m.head, nn.Linear) and not is_identity(m.head):
+        refuse(f"head is {type(m.head).__name__}, expected Linear or Identity")
+
+    pe = m.patch_embed
+    if type(pe) is not TimmPatchEmbed:
+        refuse(f"patch_embed is {type(pe).__name__}, expected timm's PatchEmbed")
+    if getattr(pe, "dynamic_img_pad", False) or not getattr(pe, "strict_img_size", True):
+        refuse("the patch embedding pads or accepts any image size")
+    if not is_identity(pe.norm) or not pe.flatten:
+        refuse("the patch embedding has a norm (embed_norm_layer) or does not flatten")
+    ph, pw = pe.patch_size
+    if ph != pw:
+        refuse(f"non-square patches {pe.patch_size}")
+    conv = pe.proj
+    if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (ph, pw) or conv.stride != (ph, pw) or conv.bias is None:
+        refuse("the patch projection must be a Conv2d with kernel = stride = patch_size and a bias")
+
+    blocks = list(m.blocks)
+    if not blocks:
+        refuse("depth=0")
+    b0 = blocks[0]
+    for i, b in enumerate(blocks):
+        where = f"blocks.{i}"
+        if type(b) is not TimmBlock:
+            refuse(f"{where} is {type(b).__name__}, expected timm's pre-norm Block")
+        if not is_identity(b.ls1) or not is_identity(b.ls2):
+            refuse(f"{where} has layer scale (init_values)")
+        check_norm(b.norm1, f"{where}.norm1")
+        check_norm(b.norm2, f"{where}.norm2")
+        a = b.attn
+        if type(a) is not TimmAttention:
+            refuse(f"{where}.attn is {type(a).__name__}, expected timm's Attention")
+        if not is_identity(a.q_norm) or not is_identity(a.k_norm):
+            refuse(f"{where}.attn has qk_norm")
+        if not is_identity(getattr(a, "norm", None)):
+            refuse(f"{where}.attn has a norm before its projection (scale_attn_norm)")
+        if a.proj.bias is None:
+            refuse(f"{where}.attn.proj has no bias (proj_bias=False)")
+        if a.num_heads != b0.attn.num_heads or (a.qkv.bias is None) != (b0.attn.qkv.bias is None):
+            refuse(f"{where}.attn differs from blocks.0 (heads or qkv_bias)")
+        mlp = b.mlp
+        if type(mlp) is not TimmMlp:
+            refuse(f"{where}.mlp is {type(mlp).__name__}, expected timm's Mlp (GELU, two layers)")
+        if type(mlp.act) is not nn.GELU or mlp.act.approximate != "none":
+            refuse(f"{where}.mlp.act is {mlp.act!r}, only exact nn.GELU is supported (act_layer)")
+        if not is_identity(getattr(mlp, "norm", None)):
+            refuse(f"{where}.mlp has a norm (scale_mlp_norm)")
+        if not isinstance(mlp.fc1, nn.Linear) or mlp.fc1.bias is None or mlp.fc2.bias is None:
+            refuse(f"{where}.mlp must be two Linear layers with bias")
+        if mlp.fc1.out_features != b0.mlp.fc1.out_features:
+            refuse(f"{where}.mlp is wider than blocks.0")
+
+    embed_dim = m.embed_dim
+    hidden = b0.mlp.fc1.out_features
+    mlp_ratio = hidden / embed_dim
+    if int(embed_dim * mlp_ratio) != hidden:
+        refuse(f"MLP width {hidden} is not int({embed_dim} * mlp_ratio)")
+    return dict(
+        image_size=tuple(pe.img_size),
+        patch_size=ph,
+        in_chans=conv.in_channels,
+        num_classes=m.num_classes if isinstance(m.head, nn.Linear) else 0,
+        embed_dim=embed_dim,
+        depth=len(blocks),
+        num_heads=b0.attn.num_heads,
+        mlp_ratio=mlp_ratio,
+        qkv_bias=b0.attn.qkv.bias is not None,
+    )
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier: linear warmup from 0 to 1, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class ViTClassifier(L.LightningModule):
+    """Image classification with a :class:`ViT`: cross-entropy with label smoothing, AdamW,
+    linear warmup then cosine decay (per step). Arguments left ``None`` come from
+    ``ViTConfig.preset()`` for the active profile. Batches are dicts with ``image`` and ``label``.
+    """
+
+    def __init__(
+        self,
+        image_size: int | None = None,
+        patch_size: int | None = None,
+        in_chans: int | None = None,
+        num_classes: int | None = None,
+        embed_dim: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float | None = None,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        warmup_epochs: float | None = None,
+        label_smoothing: float | None = None,
+        shift: int | None = None,
+        profile: str | None = None,
+    ) -> None:
+        super().__init__()
+        preset = ViTConfig.preset(profile)
+        image_size = preset.image_size if image_size is None else image_size
+        patch_size = preset.patch_size if patch_size is None else patch_size
+        in_chans = preset.in_chans if in_chans is None else in_chans
+        num_classes = preset.num_classes if num_classes is None else num_classes
+        embed_dim = preset.embed_dim if embed_dim is None else embed_dim
+        depth = preset.depth if depth is None else depth
+        num_heads = preset.num_heads if num_heads is None else num_heads
+        mlp_ratio = preset.mlp_ratio if mlp_ratio is None else mlp_ratio
+        lr = preset.lr if lr is None else lr
+        weight_decay = preset.weight_decay if weight_decay is None else weight_decay
+        warmup_epochs = preset.warmup_epochs if warmup_epochs is None else warmup_epochs
+        label_smoothing = preset.label_smoothing if label_smoothing is None else label_smoothing
+        shift = preset.shift if shift is None else shift
+        self.save_hyperparameters()  # the filled-in values, so a checkpoint does not depend on the profile
+        self.model = ViT(image_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio)
+
+    @classmethod
+    def from_config(cls, cfg: ViTConfig, **overrides) -> ViTClassifier:
+        """Build from a :class:`ViTConfig` (the fields that are constructor arguments)."""
+        names = {f.name for f in fields(cfg)} & set(cls.__init__.__code__.co_varnames)
+        return cls(**{**{k: v for k, v in asdict(cfg).items() if k in names}, **overrides})
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)  # (B, K)
+
+    def _step(self, batch: dict, stage: str) -> Tensor:
+        images, labels = batch["image"], batch["label"]
+        if stage == "train":
+            images = random_shift(images, self.hparams.shift)
+        logits = self(images)  # (B, K)
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        acc = (logits.argmax(-1) == labels).float().mean()
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, batch_size=len(labels))
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._step(batch, "test")
+
+    def configure_optimizers(self):
+        # no weight decay on biases, norms, the class token and positions (1-D or token parameters)
+        decay = [p for n, p in self.named_parameters() if p.ndim >= 2 and "token" not in n and "pos_embed" not in n]
+        no_decay = [p for n, p in self.named_parameters() if not (p.ndim >= 2 and "token" not in n and "pos_embed" not in n)]
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, 0.999))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        warmup = min(total - 1, int(round(self.hparams.warmup_epochs * total / epochs)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# -- results ----------------------------------------------------------------------------------------
+
+
+def _trainer(cfg: ViTConfig, **kwargs) -> L.Trainer:
+    defaults = dict(
+        max_epochs=cfg.max_epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
+    )  # fmt: skip
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def datamodule(name: str, cfg: ViTConfig, seed: int = 0) -> L.LightningDataModule:
+    """The Shapes or Digits DataModule sized for ``cfg``."""
+    from minivfm.data import DigitsDataModule, ShapesDataModule
+
+    if name == "shapes":
+        return ShapesDataModule(num_train=cfg.num_train, image_size=cfg.image_size, batch_size=cfg.batch_size, seed=seed)
+    if name == "digits":
+        return DigitsDataModule(batch_size=cfg.batch_size, seed=seed)
+    raise ValueError(f"name must be 'shapes' or 'digits', got {name!r}")
+
+
+def train(name: str, cfg: ViTConfig | None = None, seed: int = 0, **trainer_kwargs) -> tuple[ViTClassifier, dict]:
+    """Train a ViT on ``"shapes"`` or ``"digits"``; returns the model and its test metrics."""
+    cfg = cfg or ViTConfig.preset()
+    L.seed_everything(seed, verbose=False)
+    dm = datamodule(name, cfg, seed)
+    dm.prepare_data()
+    dm.setup("fit")
+    cfg = replace(cfg, image_size=dm.image_size, in_chans=dm.in_channels, num_classes=dm.num_classes)
+    if dm.image_size % cfg.patch_size:
+        cfg = replace(cfg, patch_size=math.gcd(dm.image_size, cfg.patch_size))
+    model = ViTClassifier.from_config(cfg)
+    trainer = _trainer(cfg, **trainer_kwargs)
+    trainer.fit(model, datamodule=dm)
+    metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
+    return model, metrics
+
+
+def results(profile: str) -> dict[str, float]:
+    """Test accuracy of the ViT on Shapes and on Digits under ``profile``, and the seconds it took."""
+    cfg = ViTConfig.preset(profile)
+    start = time.perf_counter()
+    _, shapes = train("shapes", cfg)
+    _, digits = train("digits", cfg)
+    return {"shapes_acc": shapes["test/acc"], "digits_acc": digits["test/acc"], "seconds": time.perf_counter() - start}
