@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     """``minivfm course build [--check] [--source DIR] [--dest DIR]``; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="minivfm course build",
-        description="Write lessons/ from solutions/: solution regions stubbed, outputs cleared "
-        "except in check cells.",
+        description="Write lessons/ from solutions/: solution regions stubbed, outputs cleared except in check cells.",
     )
     parser.add_argument(
         "--source", type=Path, default=None, help="solution notebooks (default: solutions/ in the repo root)"
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in report.missing:
             print(f"{show(path)}: missing", file=sys.stderr)
         if not report.up_to_date:
-            print(f"lessons are out of date; run: minivfm course build", file=sys.stderr)
+            print("lessons are out of date; run: minivfm course build", file=sys.stderr)
             return 1
         print(f"{len(report.unchanged)} lesson(s) up to date in {show(dest)}")
         return 0

@@ -157,6 +157,7 @@ def _restart_and_replay(item: Any) -> None:
         startup_timeout=config.option.nbval_kernel_startup_timeout,
     )
     kernel = nbfile.kernel
+    _patch_kernel(kernel, config)  # notices at once if a replayed cell kills it again
     timeout = config.option.nbval_cell_timeout
     for earlier in state.ran:
         if earlier.cell_num in state.timed_out or earlier.cell_num in state.kernel_died:
@@ -181,6 +182,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     nbfile.timed_out = False  # workaround 2: no xfail cascade after a timeout
     kernel = nbfile.kernel
     if kernel is not None and not kernel.is_alive():
+        state = _state(nbfile)
+        if state.ran:  # the kernel died at the end of (or after) the last cell: do not replay that one
+            state.kernel_died.add(state.ran[-1].cell_num)
         _restart_and_replay(item)
 
 
@@ -240,10 +244,13 @@ def _message(item: Any, call: pytest.CallInfo, state: _FileState) -> str:
     if item.cell_num in state.kernel_died:
         return "the kernel died while running this cell (a crash, exit() or out of memory)"
     if item.cell_num in state.timed_out:
-        return f"timed out after {timeout:g} s (the cell was interrupted)"
+        if item.parent.kernel is not None and item.parent.kernel.is_alive():
+            return f"timed out after {timeout:g} s (the cell was interrupted)"
+        return f"timed out after {timeout:g} s (the cell ignored the interrupt; the kernel was restarted)"
     for out in item.test_outputs or []:
         if out.get("output_type") == "error":
-            return _short(f"{out.get('ename')}: {out.get('evalue')}")
+            evalue = out.get("evalue") or ""
+            return _short(f"{out.get('ename')}: {evalue}" if evalue else str(out.get("ename")))
     text = str(excinfo.value)
     if text == "Cell outputs differ":
         expected = _outputs_text(item, item.cell.outputs)

@@ -18,7 +18,6 @@ writer, so the same input always gives the same bytes.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,10 @@ from nbformat.v4.nbjson import JSONWriter
 BEGIN_SOLUTION = "### BEGIN SOLUTION"
 END_SOLUTION = "### END SOLUTION"
 STUB_LINES = ("# YOUR CODE HERE", "raise NotImplementedError()")
-IGNORE_OUTPUT = "NBVAL_IGNORE_OUTPUT"
 ROLES = ("exercise", "check")
+# nbval markers that would make a check cell never fail (skipped, or an error expected)
+UNGRADABLE_MARKERS = ("NBVAL_SKIP", "NBVAL_RAISES_EXCEPTION")
+UNGRADABLE_TAGS = ("nbval-skip", "nbval-raises-exception", "raises-exception")
 
 # Sanitize patterns for nbval, in its ``--nbval-sanitize-with`` file format (a
 # ``regex:`` line directly followed by its ``replace:`` line). nbval applies
@@ -164,20 +165,17 @@ def cell_id(cell: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def check_points(cell: dict[str, Any]) -> float:
-    """A check cell's points (default 1); ints stay ints."""
-    points = cell_info(cell).get("points", 1)
-    return points
-
-
-def ignores_output(cell: dict[str, Any]) -> bool:
-    """True for cells marked ``# NBVAL_IGNORE_OUTPUT`` (training, timing, plotting)."""
+def grading_marker(cell: dict[str, Any]) -> str | None:
+    """The nbval marker (comment or tag) that would stop a check from counting, if any."""
     for line in cell.get("source", "").splitlines():
         line = line.strip()
-        if line.startswith("#") and line.lstrip("#").strip() == IGNORE_OUTPUT:
-            return True
+        if line.startswith("#") and line.lstrip("#").strip() in UNGRADABLE_MARKERS:
+            return line.lstrip("#").strip()
     tags = cell.get("metadata", {}).get("tags", [])
-    return isinstance(tags, list) and "nbval-ignore-output" in tags
+    for tag in tags if isinstance(tags, list) else []:
+        if tag in UNGRADABLE_TAGS:
+            return f"tag {tag!r}"
+    return None
 
 
 def has_solution_region(source: str) -> bool:
@@ -190,8 +188,9 @@ def validate_cells(nb: NotebookNode, name: str = "<notebook>") -> None:
     Raises:
         NotebookError: naming the cell, when a ``minivfm`` role is unknown, an
             id is missing or an exercise id repeats, check points are not a
-            non-negative number, an exercise has no solution region, or a
-            solution region sits in a cell that is not an exercise.
+            non-negative number, a check is marked ``NBVAL_SKIP`` or
+            ``NBVAL_RAISES_EXCEPTION``, an exercise has no solution region, or
+            a solution region sits in a cell that is not an exercise.
     """
     seen_exercises: set[str] = set()
     for i, cell in enumerate(nb.cells):
@@ -215,11 +214,14 @@ def validate_cells(nb: NotebookNode, name: str = "<notebook>") -> None:
                         "(the lesson would show the whole solution)"
                     )
             if role == "check":
+                marker = grading_marker(cell)
+                if marker:
+                    raise NotebookError(
+                        f"{where}: check {cell_id(cell)!r} is marked {marker}; a check must run and fail"
+                    )
                 points = info.get("points", 1)
                 if isinstance(points, bool) or not isinstance(points, (int, float)) or points < 0:
-                    raise NotebookError(
-                        f"{where}: metadata.minivfm.points={points!r}; expected a number >= 0"
-                    )
+                    raise NotebookError(f"{where}: metadata.minivfm.points={points!r}; expected a number >= 0")
         elif has_solution_region(cell.get("source", "")):
             raise NotebookError(
                 f"{where}: has a '{BEGIN_SOLUTION}' region but is not an exercise cell "
@@ -264,7 +266,3 @@ def stub_source(source: str, name: str = "<cell>") -> str:
     if inside:
         raise NotebookError(f"{name}: '{BEGIN_SOLUTION}' is never closed by '{END_SOLUTION}'")
     return "".join(out)
-
-
-def strip_ansi(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)

@@ -49,9 +49,7 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 def check_names(name: str, values: Any, choices: Sequence[str], what: str) -> tuple[str, ...]:
     """Return ``values`` as a tuple of distinct names from ``choices``, or raise naming ``name``."""
     if isinstance(values, str) or not isinstance(values, Sequence):
-        raise TypeError(
-            f"{name} must be a list of {what} names from {', '.join(choices)}; got {type(values).__name__}"
-        )
+        raise TypeError(f"{name} must be a list of {what} names from {', '.join(choices)}; got {type(values).__name__}")
     if len(values) == 0:
         raise ValueError(f"{name} must name at least one {what}; got an empty list")
     for value in values:
@@ -132,3 +130,75 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     if (repo / "pyproject.toml").is_file():
         return repo / "datasets"
     return Path.cwd() / "datasets"
+
+
+def article(word: str) -> str:
+    """``"an airplane"``, ``"a truck"``."""
+    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """Images held in memory as a tensor, returned in the common item format.
+
+    Item ``i`` is a dict with ``image`` (float32 ``(C, H, W)`` in ``[-1, 1]``), ``label``
+    (int) and ``caption`` (str, the caption of its class).
+
+    Arguments:
+        images: ``(N, C, H, W)`` uint8 in ``[0, 255]`` or float in ``[0, 1]``.
+        labels: ``(N,)`` class indices.
+        class_names: one name per class.
+        captions: one caption per class.
+        image_size: resize to this size (bilinear); ``None`` keeps the stored size.
+        channels: 1 or 3 (grey is repeated, colour is turned to luminance); ``None`` keeps them.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        class_names: Sequence[str],
+        captions: Sequence[str],
+        image_size: int | None = None,
+        channels: int | None = None,
+    ) -> None:
+        if images.ndim != 4 or len(images) != len(labels):
+            raise ValueError(f"images must be (N, C, H, W) with N = len(labels); got {tuple(images.shape)}")
+        self.images = images
+        self.labels = labels.long()
+        self.class_names = tuple(class_names)
+        self.captions = tuple(captions)
+        self.num_classes = len(self.class_names)
+        self.stored_size = int(images.shape[-1])
+        self.stored_channels = int(images.shape[1])
+        if image_size is not None:
+            image_size = check_int("image_size", image_size, minimum=8)
+        self.image_size = self.stored_size if image_size is None else image_size
+        if channels is not None:
+            channels = check_int("channels", channels)
+            if channels not in (1, 3):
+                raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.in_channels = self.stored_channels if channels is None else channels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = check_index(index, len(self.labels))
+        label = int(self.labels[index])
+        return {"image": self.transform(self.images[index]), "label": label, "caption": self.captions[label]}
+
+    def transform(self, image: torch.Tensor) -> torch.Tensor:
+        """Stored ``(C, h, w)`` image -> float32 ``(in_channels, image_size, image_size)`` in [-1, 1]."""
+        x = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+        if self.in_channels != x.shape[0]:
+            if x.shape[0] == 1:
+                x = x.expand(3, -1, -1)
+            else:
+                x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+        if self.image_size != x.shape[-1]:
+            down = self.image_size < x.shape[-1]
+            x = torch.nn.functional.interpolate(
+                x[None], size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                antialias=down,
+            )[0].clamp(0.0, 1.0)  # fmt: skip
+        return (x * 2.0 - 1.0).contiguous()

@@ -61,7 +61,7 @@ __all__ = [
 
 @dataclass
 class VAEConfig:
-    """Sizes and training hyperparameters of the VAE (and, with ``VQVAEConfig``, the VQ-VAE)."""
+    """Sizes and training hyperparameters of the VAE."""
 
     in_channels: int = 3
     image_size: int = 32
@@ -79,10 +79,10 @@ class VAEConfig:
     def preset(cls, profile: str | None = None) -> VAEConfig:
         p = minivfm.profile(profile)
         if p == "ci":
-            return cls(channels=(16, 32), batch_size=64, max_epochs=3, num_train=512, num_val=128,
+            return cls(channels=(16, 32), batch_size=64, max_epochs=4, num_train=1024, num_val=128,
                        num_samples=128)
         if p == "cpu":
-            return cls(channels=(32, 64), batch_size=64, max_epochs=8, num_train=4096, num_val=512,
+            return cls(channels=(32, 64), batch_size=64, max_epochs=6, num_train=4096, num_val=512,
                        num_samples=1000)
         return cls(channels=(64, 128), batch_size=128, max_epochs=40, num_train=50000, num_val=2000,
                    num_samples=5000)
@@ -108,9 +108,9 @@ class VQVAEConfig:
     def preset(cls, profile: str | None = None) -> VQVAEConfig:
         p = minivfm.profile(profile)
         if p == "ci":
-            return cls(channels=(16, 32), embed_dim=8, num_codes=32, max_epochs=3, num_train=512, num_val=128)
+            return cls(channels=(16, 32), embed_dim=8, num_codes=32, max_epochs=4, num_train=1024, num_val=128)
         if p == "cpu":
-            return cls(channels=(32, 64), embed_dim=16, num_codes=64, max_epochs=8, num_train=4096, num_val=512)
+            return cls(channels=(32, 64), embed_dim=16, num_codes=64, max_epochs=6, num_train=4096, num_val=512)
         return cls(channels=(64, 128), embed_dim=32, num_codes=256, batch_size=128, max_epochs=40,
                    num_train=50000, num_val=2000)
 
@@ -481,9 +481,10 @@ class LitVAE(L.LightningModule):
         x = batch["image"]
         x_rec, mu, logvar = self.model(x)
         loss = elbo_loss(x, x_rec, mu, logvar, self.hparams.beta)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "train", on_epoch=True, on_step=False)
-        self.log(f"{stage}/recon_mse", F.mse_loss(x_rec.detach(), x), on_epoch=True, on_step=False)
-        self.log(f"{stage}/kl", kl_divergence(mu.detach(), logvar.detach()).mean(), on_epoch=True, on_step=False)
+        kw = dict(on_epoch=True, on_step=False, batch_size=x.shape[0])
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "train", **kw)
+        self.log(f"{stage}/recon_mse", F.mse_loss(x_rec.detach(), x), **kw)
+        self.log(f"{stage}/kl", kl_divergence(mu.detach(), logvar.detach()).mean(), **kw)
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -529,7 +530,7 @@ class LitVQVAE(L.LightningModule):
         recon = F.mse_loss(x_rec, x)
         loss = recon + codebook_loss + self.hparams.commitment * commitment_loss
         perplexity, used = codebook_usage(indices, self.hparams.num_codes)
-        kw = dict(on_epoch=True, on_step=False)
+        kw = dict(on_epoch=True, on_step=False, batch_size=x.shape[0])
         self.log(f"{stage}/loss", loss, prog_bar=stage == "train", **kw)
         self.log(f"{stage}/recon_mse", recon.detach(), **kw)
         self.log(f"{stage}/codebook_loss", codebook_loss.detach(), **kw)
@@ -568,18 +569,29 @@ class LitVQVAE(L.LightningModule):
 # ----------------------------------------------------------------------------- results
 
 
+def _shapes(num: int, image_size: int, seed: int):
+    """``num`` Shapes items rendered once and held in memory (an ``ArrayDataset``)."""
+    from minivfm.data import ArrayDataset, Shapes
+
+    data = Shapes(num, image_size=image_size, seed=seed)
+    batch = data.get_batch(range(num))
+    return ArrayDataset((batch["image"] + 1) / 2, batch["label"], data.class_names, data.class_names)
+
+
 def results(profile: str) -> dict[str, float]:
-    """Train the VAE under ``profile``; return ``recon_mse`` (test, per pixel), ``sample_fd``, ``seconds``."""
+    """Train the VAE under ``profile`` on Shapes (seed 0); return ``recon_mse`` (per pixel, on
+    held-out Shapes, seed 2, decoding the posterior mean), ``sample_fd`` (``cfg.num_samples`` prior
+    samples, :func:`minivfm.metrics.sample_fd`) and ``seconds`` (data and training)."""
     from minivfm import metrics
-    from minivfm.data import Shapes, collate
+    from minivfm.data import collate
 
     cfg = VAEConfig.preset(profile)
     L.seed_everything(0, workers=True)
     start = time.perf_counter()
-    train = torch.utils.data.DataLoader(Shapes(cfg.num_train, image_size=cfg.image_size, seed=0),
-                                        batch_size=cfg.batch_size, shuffle=True, collate_fn=collate)
-    test = torch.utils.data.DataLoader(Shapes(cfg.num_val, image_size=cfg.image_size, seed=2),
-                                       batch_size=256, collate_fn=collate)
+    loader = torch.utils.data.DataLoader
+    train = loader(_shapes(cfg.num_train, cfg.image_size, seed=0), batch_size=cfg.batch_size, shuffle=True,
+                   collate_fn=collate)
+    test = loader(_shapes(cfg.num_val, cfg.image_size, seed=2), batch_size=256, collate_fn=collate)
     model = LitVAE.from_config(cfg)
     trainer = L.Trainer(max_epochs=cfg.max_epochs, accelerator="auto", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

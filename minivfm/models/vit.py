@@ -56,26 +56,35 @@ class ViTConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
-    shift: int = 0  # random translation by up to this many pixels (data augmentation)
-    num_train: int = 10_000  # Shapes training images
+    shift: int = 0  # data augmentation: random translation by up to this many pixels
+    # data
+    data: str = "shapes"  # "shapes" or "digits"
+    num_train: int | None = None  # Shapes items per split; None: the DataModule's profile default
+    num_val: int | None = None
+    num_test: int | None = None
 
     @classmethod
-    def preset(cls, profile: str | None = None) -> ViTConfig:
-        """The config for a profile (``ci``, ``cpu``, ``gpu``; ``None`` reads ``MINIVFM_PROFILE``)."""
+    def preset(cls, profile: str | None = None, data: str = "shapes") -> ViTConfig:
+        """The config for a profile (``ci``, ``cpu``, ``gpu``; ``None`` reads ``MINIVFM_PROFILE``)
+        and a data set (``"shapes"`` or ``"digits"``, which differ in epochs and augmentation)."""
         name = _profile(profile)
+        if data not in ("shapes", "digits"):
+            raise ValueError(f"data must be 'shapes' or 'digits', got {data!r}")
+        digits = data == "digits"
         if name == "ci":
             return cls(
-                patch_size=8, embed_dim=32, depth=2, num_heads=2, batch_size=64, max_epochs=3,
-                lr=2e-3, warmup_epochs=0.5, num_train=1024,
+                patch_size=8, embed_dim=32, depth=2, num_heads=2, batch_size=64, lr=2e-3, warmup_epochs=0.5,
+                max_epochs=12 if digits else 4, data=data, num_train=2000, num_val=250, num_test=500,
             )  # fmt: skip
         if name == "cpu":
             return cls(
-                patch_size=4, embed_dim=96, depth=4, num_heads=3, batch_size=128, max_epochs=12,
-                lr=2e-3, warmup_epochs=1.0, num_train=8000,
+                patch_size=8, embed_dim=96, depth=4, num_heads=3, batch_size=64, lr=2e-3, warmup_epochs=1.0,
+                max_epochs=60 if digits else 10, shift=2 if digits else 0, data=data,
+                num_train=8000, num_val=1000, num_test=2000,
             )  # fmt: skip
         return cls(
-            patch_size=4, embed_dim=192, depth=6, num_heads=3, batch_size=256, max_epochs=100,
-            lr=1e-3, warmup_epochs=5.0, num_train=50_000, shift=2,
+            patch_size=4, embed_dim=192, depth=6, num_heads=3, batch_size=256, lr=1e-3, warmup_epochs=5.0,
+            max_epochs=200 if digits else 100, shift=2, data=data, num_train=100_000, num_val=5000, num_test=10_000,
         )  # fmt: skip
 
     def model_kwargs(self) -> dict:
@@ -483,38 +492,35 @@ def _trainer(cfg: ViTConfig, **kwargs) -> L.Trainer:
     return L.Trainer(**{**defaults, **kwargs})
 
 
-def datamodule(name: str, cfg: ViTConfig, seed: int = 0) -> L.LightningDataModule:
-    """The Shapes or Digits DataModule sized for ``cfg``."""
+def datamodule(cfg: ViTConfig, seed: int = 0) -> L.LightningDataModule:
+    """The Shapes or Digits DataModule (``cfg.data``) sized for ``cfg``."""
     from minivfm.data import DigitsDataModule, ShapesDataModule
 
-    if name == "shapes":
-        return ShapesDataModule(num_train=cfg.num_train, image_size=cfg.image_size, batch_size=cfg.batch_size, seed=seed)
-    if name == "digits":
-        return DigitsDataModule(batch_size=cfg.batch_size, seed=seed)
-    raise ValueError(f"name must be 'shapes' or 'digits', got {name!r}")
+    if cfg.data == "shapes":
+        return ShapesDataModule(
+            batch_size=cfg.batch_size, image_size=cfg.image_size, seed=seed,
+            num_train=cfg.num_train, num_val=cfg.num_val, num_test=cfg.num_test,
+        )  # fmt: skip
+    if cfg.data == "digits":
+        return DigitsDataModule(batch_size=cfg.batch_size, image_size=cfg.image_size, seed=seed)
+    raise ValueError(f"cfg.data must be 'shapes' or 'digits', got {cfg.data!r}")
 
 
-def train(name: str, cfg: ViTConfig | None = None, seed: int = 0, **trainer_kwargs) -> tuple[ViTClassifier, dict]:
-    """Train a ViT on ``"shapes"`` or ``"digits"``; returns the model and its test metrics."""
-    cfg = cfg or ViTConfig.preset()
+def train(cfg: ViTConfig, seed: int = 0, **trainer_kwargs) -> tuple[ViTClassifier, dict[str, float]]:
+    """Train a ViT with ``lightning.Trainer`` on ``cfg.data``; returns the model and its test metrics."""
     L.seed_everything(seed, verbose=False)
-    dm = datamodule(name, cfg, seed)
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = datamodule(cfg, seed)
     cfg = replace(cfg, image_size=dm.image_size, in_chans=dm.in_channels, num_classes=dm.num_classes)
-    if dm.image_size % cfg.patch_size:
-        cfg = replace(cfg, patch_size=math.gcd(dm.image_size, cfg.patch_size))
     model = ViTClassifier.from_config(cfg)
     trainer = _trainer(cfg, **trainer_kwargs)
     trainer.fit(model, datamodule=dm)
     metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
-    return model, metrics
+    return model, {k: float(v) for k, v in metrics.items()}
 
 
 def results(profile: str) -> dict[str, float]:
     """Test accuracy of the ViT on Shapes and on Digits under ``profile``, and the seconds it took."""
-    cfg = ViTConfig.preset(profile)
     start = time.perf_counter()
-    _, shapes = train("shapes", cfg)
-    _, digits = train("digits", cfg)
+    _, shapes = train(ViTConfig.preset(profile, "shapes"))
+    _, digits = train(ViTConfig.preset(profile, "digits"))
     return {"shapes_acc": shapes["test/acc"], "digits_acc": digits["test/acc"], "seconds": time.perf_counter() - start}

@@ -1,0 +1,231 @@
+"""DDPM: the noise schedule against diffusers, the pure functions, the denoiser, training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minivfm.models import ddpm
+from minivfm.models.ddpm import NoiseSchedule
+
+diffusers = pytest.importorskip("diffusers")
+
+DIFFUSERS_SCHEDULE = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+ATOL, RTOL = 1e-6, 1e-5
+TIMESTEPS = [0, 1, 2, 10, 100, 250, 500, 750, 990, 998, 999]
+
+
+def _ddpm_ref(schedule: str):
+    return diffusers.DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule=DIFFUSERS_SCHEDULE[schedule],
+        prediction_type="epsilon",
+        variance_type="fixed_small",
+        clip_sample=False,
+    )
+
+
+def _ddim_ref(schedule: str, steps: int):
+    ref = diffusers.DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule=DIFFUSERS_SCHEDULE[schedule],
+        prediction_type="epsilon",
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
+    ref.set_timesteps(steps)
+    return ref
+
+
+def _close(a, b, atol=ATOL, rtol=RTOL):
+    assert a.shape == b.shape
+    err = (a - b).abs().max().item()
+    assert torch.allclose(a, b, atol=atol, rtol=rtol), f"max abs error {err:.3g}"
+
+
+# -- the schedule against diffusers -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_betas_and_alphas_cumprod_match_diffusers(schedule):
+    ours, ref = NoiseSchedule(1000, schedule), _ddpm_ref(schedule)
+    assert ours.betas.dtype == ref.betas.dtype == torch.float32
+    assert ours.alphas_cumprod.dtype == ref.alphas_cumprod.dtype
+    assert torch.equal(ours.betas, ref.betas)
+    assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_add_noise_matches_diffusers(schedule):
+    ours, ref = NoiseSchedule(1000, schedule), _ddpm_ref(schedule)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(len(TIMESTEPS), 3, 8, 8, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor(TIMESTEPS)
+    _close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("t", TIMESTEPS)
+def test_step_matches_diffusers(schedule, t):
+    ours, ref = NoiseSchedule(1000, schedule), _ddpm_ref(schedule)
+    g = torch.Generator().manual_seed(t)
+    x_t = torch.randn(4, 3, 8, 8, generator=g)
+    eps = torch.randn(x_t.shape, generator=g)
+    # diffusers draws its noise with torch.randn(shape, generator=...): reproduce it from the same seed
+    expected = ref.step(eps, t, x_t, generator=torch.Generator().manual_seed(123)).prev_sample
+    noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(123))
+    _close(ours.step(eps, t, x_t, noise), expected)
+    # the predicted x0 is diffusers' pred_original_sample
+    x0_ref = ref.step(eps, t, x_t, generator=torch.Generator().manual_seed(0)).pred_original_sample
+    _close(ours.predict_x0(eps, t, x_t), x0_ref)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("steps", [1, 10, 50, 1000])
+def test_ddim_step_matches_diffusers(schedule, steps):
+    ours, ref = NoiseSchedule(1000, schedule), _ddim_ref(schedule, steps)
+    assert ours.ddim_timesteps(steps) == ref.timesteps.tolist()
+    g = torch.Generator().manual_seed(steps)
+    ts = ref.timesteps.tolist()
+    # every step of a schedule of `steps` (all 1000 for the last one: a subset to keep the test fast)
+    if len(ts) > 60:
+        ts = ts[:20] + ts[480:500] + ts[-20:]
+    ratio = 1000 // steps
+    for t in ts:
+        x_t = torch.randn(2, 3, 8, 8, generator=g)
+        eps = torch.randn(x_t.shape, generator=g)
+        expected = ref.step(eps, t, x_t, eta=0.0).prev_sample
+        _close(ours.ddim_step(eps, t, t - ratio, x_t), expected)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddim_trajectory_matches_diffusers(schedule):
+    """A whole 50-step DDIM chain with a fixed epsilon function stays within tolerance."""
+    ours, ref = NoiseSchedule(1000, schedule), _ddim_ref(schedule, 50)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+
+    def eps_fn(z, t):
+        return torch.tanh(z) * (1 + t / 1000)
+
+    ts = ours.ddim_timesteps(50)
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        x = ours.ddim_step(eps_fn(x, t), t, t_prev, x)
+        y = ref.step(eps_fn(y, t), t, y).prev_sample
+    _close(x, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddim_eta_matches_diffusers(schedule):
+    ours, ref = NoiseSchedule(1000, schedule), _ddim_ref(schedule, 20)
+    g = torch.Generator().manual_seed(5)
+    x_t, eps, noise = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+    for t in (950, 500, 0):
+        expected = ref.step(eps, t, x_t, eta=0.7, variance_noise=noise).prev_sample
+        _close(ours.ddim_step(eps, t, t - 50, x_t, eta=0.7, noise=noise), expected)
+
+
+# -- properties ----------------------------------------------------------------------------------------
+
+
+def test_add_noise_broadcasts_over_any_shape():
+    s = NoiseSchedule()
+    for shape in [(5,), (5, 7), (5, 4, 6, 6), (5, 2, 3, 4, 4)]:
+        x0, noise = torch.randn(shape), torch.randn(shape)
+        t = torch.tensor([0, 10, 100, 500, 999])
+        out = s.add_noise(x0, noise, t)
+        assert out.shape == x0.shape
+        abar = s.alphas_cumprod[t].reshape(-1, *([1] * (len(shape) - 1)))
+        _close(out, abar.sqrt() * x0 + (1 - abar).sqrt() * noise)
+
+
+def test_step_with_zero_noise_is_posterior_mean():
+    s = NoiseSchedule()
+    g = torch.Generator().manual_seed(1)
+    x0, x_t = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    for t in (1, 300, 999):
+        abar, abar_prev = s.alphas_cumprod[t].double(), s.alphas_cumprod[t - 1].double()
+        eps = (x_t - abar.sqrt().float() * x0) / (1 - abar).sqrt().float()  # the epsilon that predicts x0
+        beta = 1 - abar / abar_prev
+        mean = (abar_prev.sqrt() * beta / (1 - abar)) * x0.double() + (
+            (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar)
+        ) * x_t.double()
+        _close(s.step(eps, t, x_t, torch.zeros_like(x_t)), mean.float(), atol=1e-4, rtol=1e-4)
+        assert torch.equal(s.step(eps, t, x_t, torch.zeros_like(x_t)), s.step(eps, t, x_t))
+        noise = torch.randn(x_t.shape, generator=g)
+        diff = s.step(eps, t, x_t, noise) - s.step(eps, t, x_t)
+        _close(diff, s.posterior_variance(t).sqrt() * noise)
+
+
+def test_step_at_t0_returns_predicted_x0():
+    s = NoiseSchedule()
+    x_t, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    _close(s.step(eps, 0, x_t, torch.randn_like(x_t)), s.predict_x0(eps, 0, x_t))
+
+
+def test_ddim_last_step_goes_to_x0():
+    s = NoiseSchedule(1000, "cosine")
+    x_t, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    for t in (0, 20, 999):
+        _close(s.ddim_step(eps, t, -1, x_t), s.predict_x0(eps, t, x_t))
+        _close(s.ddim_step(eps, t, -7, x_t), s.predict_x0(eps, t, x_t))
+
+
+def test_cosine_schedule_properties():
+    s = NoiseSchedule(1000, "cosine")
+    abar = s.alphas_cumprod.double()
+    assert (s.betas > 0).all() and (s.betas <= 0.999).all()
+    assert s.betas[-1] == pytest.approx(0.999)  # the cap is hit at the very end
+    assert (abar[1:] < abar[:-1]).all()  # strictly decreasing
+    assert abar[0] > 0.9999 and abar[-1] < 1e-6
+    # alpha-bar follows f(t)/f(0) with f(u) = cos^2((u + s)/(1 + s) pi/2) (Nichol & Dhariwal eq. 17)
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for t in (0, 100, 500, 900):
+        assert abar[t].item() == pytest.approx(f((t + 1) / 1000) / f(0), rel=1e-4)
+    # the cosine schedule destroys information more slowly than the linear one in the middle
+    assert abar[500] > NoiseSchedule(1000, "linear").alphas_cumprod[500]
+
+
+def test_linear_schedule_endpoints():
+    s = NoiseSchedule(1000, "linear")
+    assert s.betas[0].item() == pytest.approx(1e-4) and s.betas[-1].item() == pytest.approx(0.02)
+    assert s.alphas_cumprod[-1] < 1e-4
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: NoiseSchedule(schedule="quadratic"), "schedule"),
+        (lambda: NoiseSchedule(num_steps=0), "num_steps"),
+        (lambda: NoiseSchedule(num_steps=10.0), "num_steps"),
+        (lambda: NoiseSchedule().step(torch.zeros(2, 3), 1000, torch.zeros(2, 3)), "t"),
+        (lambda: NoiseSchedule().step(torch.zeros(2, 3), -1, torch.zeros(2, 3)), "t"),
+        (lambda: NoiseSchedule().step(torch.zeros(2, 3), 1.5, torch.zeros(2, 3)), "t"),
+        (lambda: NoiseSchedule().step(torch.zeros(2, 4), 5, torch.zeros(2, 3)), "eps"),
+        (lambda: NoiseSchedule().step(torch.zeros(2, 3), 5, torch.zeros(2, 3), torch.zeros(3)), "noise"),
+        (lambda: NoiseSchedule().add_noise(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([1])), "t"),
+        (lambda: NoiseSchedule().add_noise(torch.zeros(2, 3), torch.zeros(2, 3), 5), "t"),
+        (lambda: NoiseSchedule().add_noise(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([1, 1000])), "t"),
+        (lambda: NoiseSchedule().add_noise(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0.5, 1.0])), "t"),
+        (lambda: NoiseSchedule().add_noise(torch.zeros(2, 3), torch.zeros(2, 2), torch.tensor([1, 2])), "noise"),
+        (lambda: NoiseSchedule().ddim_step(torch.zeros(2), 10, 10, torch.zeros(2)), "t_prev"),
+        (lambda: NoiseSchedule().ddim_step(torch.zeros(2), 10, 5, torch.zeros(2), eta=-1.0), "eta"),
+        (lambda: NoiseSchedule().ddim_step(torch.zeros(2), 10, 5, torch.zeros(2), eta=0.5), "noise"),
+        (lambda: NoiseSchedule().ddim_timesteps(0), "num_inference_steps"),
+    ],
+)
+def test_bad_arguments_name_the_argument(call, name):
+    with pytest.raises((ValueError, TypeError)) as info:
+        call()
+    assert name in str(info.value)
+
+
+def test_cfg_mix():
+    c, u = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    _close(ddpm.cfg_mix(c, u, 1.0), c)  # u + (c - u): equal up to float rounding
+    assert torch.equal(ddpm.cfg_mix(c, u, 0.0), u)
+    _close(ddpm.cfg_mix(c, u, 3.0), u + 3 * (c - u))
