@@ -69,9 +69,7 @@ def test_random_shift() -> None:
     # each output image is a translated copy: its centre 4x4 block appears in the padded input
     padded = torch.nn.functional.pad(x, (2,) * 4, mode="replicate")
     for i in range(4):
-        found = any(
-            torch.equal(padded[i, :, dy : dy + 8, dx : dx + 8], y[i]) for dy in range(5) for dx in range(5)
-        )
+        found = any(torch.equal(padded[i, :, dy : dy + 8, dx : dx + 8], y[i]) for dy in range(5) for dx in range(5))
         assert found
 
 
@@ -87,7 +85,13 @@ def test_vit_shapes_and_names() -> None:
     assert vit.forward_head(tokens, pre_logits=True).shape == (3, 32)
     assert vit.pos_embed.shape == (1, 17, 32) and vit.cls_token.shape == (1, 1, 32)
     names = set(vit.state_dict())
-    for key in ["patch_embed.proj.weight", "blocks.1.attn.qkv.weight", "blocks.0.mlp.fc2.bias", "norm.weight", "head.bias"]:
+    for key in [
+        "patch_embed.proj.weight",
+        "blocks.1.attn.qkv.weight",
+        "blocks.0.mlp.fc2.bias",
+        "norm.weight",
+        "head.bias",
+    ]:
         assert key in names
     assert tiny_vit(num_classes=0)(x).shape == (3, 32)
 

@@ -340,7 +340,7 @@ def grade_notebook(
             check = CheckResult(name, False, points, not_run)
         else:
             passed = record["outcome"] == "passed"
-            message = "" if passed else record["message"]
+            message = "" if passed else (record["message"] or record["outcome"])
             exercise_error = exercise_errors.get(info.get("id"))
             if not passed and exercise_error:
                 message += f" (the exercise cell {info.get('id')!r} failed: {exercise_error})"

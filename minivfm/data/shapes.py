@@ -69,7 +69,6 @@ _NUM_ANGLES = 1536  # rotation table (divisible by 3 and 4); look-ups keep rende
 _ANGLE_TABLE = np.stack([np.cos(2 * np.pi * np.arange(_NUM_ANGLES) / _NUM_ANGLES),
                          np.sin(2 * np.pi * np.arange(_NUM_ANGLES) / _NUM_ANGLES)], 1)  # fmt: skip
 _PLACEMENT_TRIES = 16
-_NUM_TILES = 16  # background noise tiles per data set, rolled and flipped per item
 _RENDER_ELEMENTS = 2**20  # pixels x shapes per rendering step (bounds the memory of a large batch)
 
 # --- counter-based random numbers ---------------------------------------------------------------
@@ -325,7 +324,7 @@ class Shapes(Dataset):
 
     def _scene(self, index: np.ndarray) -> dict[str, np.ndarray]:
         B, K, T = len(index), self.max_shapes, _PLACEMENT_TRIES
-        u_bg = _uniform(self.seed, 1, index, 16)
+        u_bg = _uniform(self.seed, 1, index, 19)
         u = _uniform(self.seed, 2, index, 8 * K).reshape(B, K, 8)
         u_pos = _uniform(self.seed, 3, index, 2 * T * K).reshape(B, K, T, 2)
 
@@ -476,7 +475,7 @@ class Shapes(Dataset):
             image = image.add_(a * (rgb[:, k, :, None, None] - image))
             mask.masked_fill_(alpha[:, k] >= 0.5, k + 1)
         if self.background != "plain":
-            image = image.add_(self._tiles(fine, u[:, 8:11]), alpha=0.035)
+            image = image.add_(self._tiles(fine, u[:, 16:19]), alpha=0.035)
         image = image.clamp_(0.0, 1.0).mul_(2.0).sub_(1.0)
 
         # tight boxes around the masks: (B, K, 4); every instance keeps at least one pixel

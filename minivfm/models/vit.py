@@ -468,10 +468,15 @@ class ViTClassifier(L.LightningModule):
         return self._step(batch, "test")
 
     def configure_optimizers(self):
-        # no weight decay on biases, norms, the class token and positions (1-D or token parameters)
-        decay = [p for n, p in self.named_parameters() if p.ndim >= 2 and "token" not in n and "pos_embed" not in n]
-        no_decay = [p for n, p in self.named_parameters() if not (p.ndim >= 2 and "token" not in n and "pos_embed" not in n)]
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # weight decay on weight matrices only: not on biases, norms, the class token or the positions
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            skip = p.ndim < 2 or name.endswith(("cls_token", "pos_embed"))
+            (no_decay if skip else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, 0.999))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
