@@ -193,7 +193,7 @@ def real_images(num: int, split: str = "test") -> tuple[Tensor, Tensor]:
 
 def train_reference(
     num_train: int = 16000,
-    epochs: int = 4,
+    epochs: int = 5,
     batch_size: int = 128,
     lr: float = 3e-3,
     seed: int = 0,
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train-reference", help="train the Shapes reference classifier and save it")
     tr.add_argument("--num-train", type=int, default=16000)
-    tr.add_argument("--epochs", type=int, default=4)
+    tr.add_argument("--epochs", type=int, default=5)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out", default=str(REFERENCE_PATH))
     fl = sub.add_parser("floor", help="print real_fd (the floor of sample_fd) for some sample sizes")

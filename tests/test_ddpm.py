@@ -129,6 +129,24 @@ def test_ddim_eta_matches_diffusers(schedule):
         _close(ours.ddim_step(eps, t, t - 50, x_t, eta=0.7, noise=noise), expected)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_clip_sample_matches_diffusers(schedule):
+    """With clip_sample the predicted x0 is clamped, as diffusers' clip_sample=True (range 1)."""
+    ref = diffusers.DDPMScheduler(beta_schedule=DIFFUSERS_SCHEDULE[schedule], clip_sample=True)
+    ref_ddim = diffusers.DDIMScheduler(beta_schedule=DIFFUSERS_SCHEDULE[schedule], clip_sample=True)
+    ref_ddim.set_timesteps(50)
+    ours = NoiseSchedule(1000, schedule)
+    g = torch.Generator().manual_seed(7)
+    for t in (999, 600, 100, 0):
+        x_t, eps = torch.randn(2, 3, 8, 8, generator=g) * 2, torch.randn(2, 3, 8, 8, generator=g)
+        expected = ref.step(eps, t, x_t, generator=torch.Generator().manual_seed(1)).prev_sample
+        noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1))
+        _close(ours.step(eps, t, x_t, noise, clip_sample=1.0), expected)
+    for t in (980, 500, 0):
+        x_t, eps = torch.randn(2, 3, 8, 8, generator=g) * 2, torch.randn(2, 3, 8, 8, generator=g)
+        _close(ours.ddim_step(eps, t, t - 20, x_t, clip_sample=1.0), ref_ddim.step(eps, t, x_t).prev_sample)
+
+
 # -- properties ----------------------------------------------------------------------------------------
 
 
@@ -216,6 +234,8 @@ def test_linear_schedule_endpoints():
         (lambda: NoiseSchedule().ddim_step(torch.zeros(2), 10, 5, torch.zeros(2), eta=-1.0), "eta"),
         (lambda: NoiseSchedule().ddim_step(torch.zeros(2), 10, 5, torch.zeros(2), eta=0.5), "noise"),
         (lambda: NoiseSchedule().ddim_timesteps(0), "num_inference_steps"),
+        (lambda: NoiseSchedule().step(torch.zeros(2), 5, torch.zeros(2), clip_sample=-1.0), "clip_sample"),
+        (lambda: NoiseSchedule().ddim_step(torch.zeros(2), 5, 1, torch.zeros(2), clip_sample=0), "clip_sample"),
     ],
 )
 def test_bad_arguments_name_the_argument(call, name):
@@ -229,3 +249,188 @@ def test_cfg_mix():
     _close(ddpm.cfg_mix(c, u, 1.0), c)  # u + (c - u): equal up to float rounding
     assert torch.equal(ddpm.cfg_mix(c, u, 0.0), u)
     _close(ddpm.cfg_mix(c, u, 3.0), u + 3 * (c - u))
+
+
+# -- the denoiser, the loss, the samplers ---------------------------------------------------------------
+
+
+def _tiny_unet(**kw):
+    args = dict(in_channels=3, image_size=16, channels=(16, 32), num_classes=5, patch=2, emb_dim=32)
+    args.update(kw)
+    return ddpm.UNet(**args)
+
+
+def test_unet_shapes_and_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    net = _tiny_unet()
+    # zero-initialised output and residual convs would block gradients on the first step: perturb them
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    x, t, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 1, 4, 5])
+    out = net(x, t, y)
+    assert out.shape == x.shape
+    out.pow(2).mean().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("kw", [dict(patch=1, channels=(16, 32, 32)), dict(in_channels=4, image_size=8, patch=1)])
+def test_unet_other_layouts(kw):
+    net = _tiny_unet(**kw)
+    c, s = net.in_channels, net.image_size
+    assert net(torch.randn(2, c, s, s), torch.tensor([3, 4]), None).shape == (2, c, s, s)
+
+
+def test_unet_bad_inputs():
+    net = _tiny_unet()
+    with pytest.raises(ValueError, match="x must"):
+        net(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="t must"):
+        net(torch.randn(2, 3, 16, 16), torch.tensor([1]))
+    with pytest.raises(ValueError, match="y must"):
+        net(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="image_size"):
+        _tiny_unet(image_size=12, patch=4)
+
+
+def test_v_parametrised_output_is_an_eps_prediction():
+    """With alphas_cumprod, forward returns sqrt(1 - a) x_t + sqrt(a) v, v being the body's output."""
+    torch.manual_seed(0)
+    ac = NoiseSchedule(1000, "cosine").alphas_cumprod
+    plain, vnet = _tiny_unet(), _tiny_unet(alphas_cumprod=ac)
+    vnet.load_state_dict(plain.state_dict())  # the buffer is not part of the state dict
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        vnet.load_state_dict(plain.state_dict())
+        x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([0, 500, 999]), torch.tensor([0, 1, 5])
+        v = plain(x, t, y)
+        a = ac[t].reshape(-1, 1, 1, 1)
+        _close(vnet(x, t, y), (1 - a).sqrt() * x + a.sqrt() * v, atol=1e-6)
+    # a fresh (zero-output) network predicts eps ~ x_t at the noisiest step
+    fresh = _tiny_unet(alphas_cumprod=ac)
+    x = torch.randn(2, 3, 16, 16)
+    _close(fresh(x, torch.tensor([999, 999])), x, atol=1e-3)
+
+
+def test_null_class_is_the_unconditional_model():
+    net = _tiny_unet().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        x, t = torch.randn(3, 3, 16, 16), torch.tensor([5, 50, 500])
+        null = torch.full((3,), 5)
+        assert torch.equal(net(x, t, None), net(x, t, null))
+        assert not torch.allclose(net(x, t, torch.tensor([0, 1, 2])), net(x, t, null))
+
+
+def test_guidance_scale_one_is_the_conditional_model():
+    torch.manual_seed(0)
+    net = _tiny_unet().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    s = NoiseSchedule(50)
+    y = torch.tensor([0, 3])
+    g0 = torch.Generator().manual_seed(0)
+    a = ddpm.sample_ddim(net, s, (2, 3, 16, 16), y, 1.0, num_steps=5, generator=g0, clip_sample=None)
+    x0 = torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    x = x0
+    ts = s.ddim_timesteps(5)
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            eps = net(x, torch.full((2,), t), y)
+            x = s.ddim_step(eps, t, ts[i + 1] if i + 1 < len(ts) else -1, x)
+    _close(a, x, atol=1e-5)
+    # and a scale of 3 gives something else
+    g0 = torch.Generator().manual_seed(0)
+    b = ddpm.sample_ddim(net, s, (2, 3, 16, 16), y, 3.0, num_steps=5, generator=g0, clip_sample=None)
+    assert not torch.allclose(a, b)
+    # the guided eps is cfg_mix of the two branches
+    with torch.no_grad():
+        xt, tt = torch.randn(2, 3, 16, 16), torch.tensor([7, 7])
+        got = ddpm._guided_eps(net, xt, tt, y, 2.5)
+        want = ddpm.cfg_mix(net(xt, tt, y), net(xt, tt, None), 2.5)
+    _close(got, want, atol=1e-5)
+
+
+def test_ancestral_sampler_uses_step():
+    net = _tiny_unet().eval()
+    s = NoiseSchedule(20)
+    g = torch.Generator().manual_seed(0)
+    out, traj = ddpm.sample_ancestral(
+        net, s, (2, 3, 16, 16), torch.tensor([1, 2]), generator=g, return_trajectory=True, trajectory_every=5
+    )
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+    assert len(traj) == 1 + 4 and torch.equal(traj[-1], out)
+
+
+def test_ddpm_loss_and_label_dropout():
+    eps = torch.randn(4, 3, 8, 8)
+    assert ddpm.ddpm_loss(eps, eps) == 0
+    assert ddpm.ddpm_loss(torch.zeros_like(eps), eps) == pytest.approx(eps.pow(2).mean().item())
+    y = torch.arange(10000) % 12
+    dropped = ddpm.drop_labels(y, 0.1, 12, generator=torch.Generator().manual_seed(0))
+    frac = (dropped == 12).float().mean().item()
+    assert 0.08 < frac < 0.12
+    assert torch.equal(dropped[dropped != 12], y[dropped != 12])
+    assert torch.equal(ddpm.drop_labels(y, 0.0, 12), y)
+
+
+def test_config_presets_build():
+    for profile in ("ci", "cpu", "gpu"):
+        cfg = ddpm.DDPMConfig.preset(profile)
+        assert cfg.num_steps == 1000
+        model = ddpm.DDPM.from_config(cfg)
+        assert model.model.patch == cfg.patch
+        lat = ddpm.DDPM.from_config(cfg, latent_shape=(4, 8, 8))
+        assert lat.hparams.in_channels == 4 and lat.hparams.image_size == 8
+
+
+def test_a_few_steps_lower_the_loss():
+    """Overfit a fixed batch for a few optimizer steps: the loss on fixed (t, noise) must drop."""
+    import lightning as L
+
+    L.seed_everything(0)
+    cfg = ddpm.DDPMConfig.preset("ci")
+    model = ddpm.DDPM.from_config(cfg)
+    x, y = ddpm.shapes_tensors(32, seed=0)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 1000, (32,), generator=g)
+    eps = torch.randn(x.shape, generator=g)
+
+    def fixed_loss():
+        with torch.no_grad():
+            return ddpm.ddpm_loss(model.model(model.schedule.add_noise(x, eps, t), t, y), eps).item()
+
+    before = fixed_loss()
+    opt = torch.optim.AdamW(model.model.parameters(), lr=2e-3)
+    for _ in range(30):
+        loss = ddpm.ddpm_loss(model.model(model.schedule.add_noise(x, eps, t), t, y), eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = fixed_loss()
+    assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_lightning_training_and_ema():
+    import lightning as L
+
+    L.seed_everything(0)
+    cfg = ddpm.DDPMConfig.preset("ci")
+    model = ddpm.DDPM.from_config(cfg)
+    x, y = ddpm.shapes_tensors(128, seed=0)
+    ema_before = [p.clone() for p in model.ema.parameters()]
+    ddpm.fit(model, x, y, batch_size=32, max_steps=8, profile="ci")
+    assert model.global_step == 8
+    assert all(not p.requires_grad for p in model.ema.parameters())
+    changed = any(not torch.equal(a, b) for a, b in zip(ema_before, model.ema.parameters()))
+    assert changed
+    # the EMA lags behind the trained weights
+    diffs = [(a - b).abs().max().item() for a, b in zip(model.ema.parameters(), model.model.parameters())]
+    assert max(diffs) > 0
+    samples = model.sample(torch.tensor([0, 1]), guidance_scale=2.0, num_steps=5)
+    assert samples.shape == (2, 3, 32, 32) and torch.isfinite(samples).all()

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,11 +41,14 @@ __all__ = [
     "cfg_mix",
     "UNet",
     "ddpm_loss",
+    "drop_labels",
     "DDPMConfig",
     "DDPM",
     "sample_ancestral",
     "sample_ddim",
     "results",
+    "results_pixel",
+    "results_latent",
 ]
 
 SCHEDULES = ("linear", "cosine")
@@ -64,6 +68,12 @@ def _check_int(name: str, value, low: int | None = None, high: int | None = None
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return value
+
+
+def _check_clip(clip_sample) -> float:
+    if isinstance(clip_sample, bool) or not isinstance(clip_sample, (int, float)) or clip_sample <= 0:
+        raise ValueError(f"clip_sample must be a positive float or None, got {clip_sample!r}")
+    return float(clip_sample)
 
 
 def make_betas(num_steps: int, schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -142,6 +152,7 @@ def ddim_update(
     alphas_cumprod: Tensor,
     eta: float = 0.0,
     noise: Tensor | None = None,
+    clip_sample: float | None = None,
 ) -> Tensor:
     """One DDIM step from t to t_prev, Song et al. eq. 12::
 
@@ -150,12 +161,15 @@ def ddim_update(
         sigma = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)      (eq. 16)
 
     where a = alpha-bar, and ``t_prev < 0`` means the final step to x_0 (a_prev = 1).
-    ``eta = 0`` is deterministic (DDIM); ``eta = 1`` is DDPM-like.
+    ``eta = 0`` is deterministic (DDIM); ``eta = 1`` is DDPM-like. ``clip_sample`` clamps the
+    predicted x_0 to ``[-clip_sample, clip_sample]`` (diffusers' ``clip_sample``; eps is kept as predicted).
     """
     one = torch.ones((), dtype=alphas_cumprod.dtype)
     a_t = alphas_cumprod[t]
     a_prev = alphas_cumprod[t_prev] if t_prev >= 0 else one
     x0 = predict_x0(eps, x_t, a_t.to(x_t))
+    if clip_sample is not None:
+        x0 = x0.clamp(-clip_sample, clip_sample)
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
     out = a_prev.to(x_t) ** 0.5 * x0 + ((1 - a_prev - sigma**2) ** 0.5).to(x_t) * eps
     if eta > 0:
@@ -243,7 +257,9 @@ class NoiseSchedule:
         abar_prev = self.alphas_cumprod[t - 1] if t > 0 else torch.ones(())
         return torch.clamp((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev), min=1e-20)
 
-    def step(self, eps: Tensor, t: int, x_t: Tensor, noise: Tensor | None = None) -> Tensor:
+    def step(
+        self, eps: Tensor, t: int, x_t: Tensor, noise: Tensor | None = None, *, clip_sample: float | None = None
+    ) -> Tensor:
         """One ancestral step x_t -> x_{t-1} (DDPM Algorithm 2), written in x0 form.
 
         Predict x_0 (eq. 15), take the posterior mean (eq. 7), add sigma_t * noise with
@@ -254,10 +270,14 @@ class NoiseSchedule:
             t: the current timestep, an int in ``[0, T)``.
             x_t: the current sample ``(B, ...)``.
             noise: standard normal noise like ``x_t``; zeros (or ``None``) give the posterior mean.
+            clip_sample: clamp the predicted x_0 to ``[-clip_sample, clip_sample]`` before the posterior
+                mean (DDPM's sampler and diffusers' ``clip_sample=True``); ``None`` (the default) does not clip.
         """
         t = self._check_t("t", t)
         self._check_like("eps", eps, x_t, "x_t")
         x0 = predict_x0(eps, x_t, self.alphas_cumprod[t].to(x_t))
+        if clip_sample is not None:
+            x0 = x0.clamp(-_check_clip(clip_sample), clip_sample)
         mean = posterior_mean_x0(x0, x_t, t, self.alphas_cumprod)
         if noise is None or t == 0:
             return mean
@@ -265,11 +285,20 @@ class NoiseSchedule:
         return mean + (self.posterior_variance(t) ** 0.5).to(x_t) * noise
 
     def ddim_step(
-        self, eps: Tensor, t: int, t_prev: int, x_t: Tensor, eta: float = 0.0, noise: Tensor | None = None
+        self,
+        eps: Tensor,
+        t: int,
+        t_prev: int,
+        x_t: Tensor,
+        eta: float = 0.0,
+        noise: Tensor | None = None,
+        *,
+        clip_sample: float | None = None,
     ) -> Tensor:
         """One DDIM step x_t -> x_{t_prev} (Song et al. eq. 12); ``t_prev < 0`` goes to x_0 (alpha-bar 1).
 
         ``eta > 0`` adds sigma(eta) * ``noise`` (eq. 16); ``noise`` is then required.
+        ``clip_sample`` clamps the predicted x_0 as in :meth:`step`.
         """
         t = self._check_t("t", t)
         t_prev = _check_int("t_prev", t_prev)
@@ -280,7 +309,11 @@ class NoiseSchedule:
         self._check_like("eps", eps, x_t, "x_t")
         if noise is not None:
             self._check_like("noise", noise, x_t, "x_t")
-        return ddim_update(eps, x_t, t, t_prev, self.alphas_cumprod, eta=float(eta), noise=noise)
+        if clip_sample is not None:
+            _check_clip(clip_sample)
+        return ddim_update(
+            eps, x_t, t, t_prev, self.alphas_cumprod, eta=float(eta), noise=noise, clip_sample=clip_sample
+        )
 
     def ddim_timesteps(self, num_inference_steps: int) -> list[int]:
         """Evenly spaced timesteps, high to low, as diffusers' "leading" spacing: ``[.., 2k, k, 0]``."""
@@ -355,6 +388,10 @@ class UNet(nn.Module):
         patch: the fold factor (1 = none).
         attention: one flag per level.
         emb_dim: width of the timestep + class embedding.
+        alphas_cumprod: if given (the schedule's alpha-bar), the network body predicts
+            v = sqrt(a) eps - sqrt(1 - a) x_0 (Salimans & Ho 2022) and ``forward`` returns the
+            equivalent eps = sqrt(1 - a) x_t + sqrt(a) v. Still an eps-predictor, but at high noise the
+            answer (eps ~ x_t) is built in instead of being pushed through the small network.
     """
 
     def __init__(
@@ -366,6 +403,7 @@ class UNet(nn.Module):
         patch: int = 2,
         attention: tuple[bool, ...] | None = None,
         emb_dim: int = 128,
+        alphas_cumprod: Tensor | None = None,
     ) -> None:
         super().__init__()
         channels = tuple(channels)
@@ -407,6 +445,9 @@ class UNet(nn.Module):
         self.out = nn.Conv2d(prev, in_channels * patch * patch, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self.v_param = alphas_cumprod is not None
+        if self.v_param:
+            self.register_buffer("alphas_cumprod", alphas_cumprod.detach().clone().float(), persistent=False)
 
     def embed(self, t: Tensor, y: Tensor | None) -> Tensor:
         """Timestep (and class) embedding ``(B, emb_dim)``; ``y = None`` or ``y = K`` is the null class."""
@@ -447,4 +488,477 @@ class UNet(nn.Module):
             h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
             h = up(h)
         h = self.out(F.silu(self.out_norm(h)))  # (B, C p^2, H/p, W/p)
-        return F.pixel_shuffle(h, self.patch) if self.patch > 1 else h
+        out = F.pixel_shuffle(h, self.patch) if self.patch > 1 else h  # (B, C, H, W)
+        if self.v_param:  # out is v: eps = sqrt(1 - a) x_t + sqrt(a) v
+            abar = self.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+            out = (1 - abar).sqrt() * x + abar.sqrt() * out
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. The loss and the samplers
+# --------------------------------------------------------------------------------------------------
+
+
+def drop_labels(y: Tensor, p_uncond: float, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
+    """Replace each label by the null class ``num_classes`` with probability ``p_uncond``
+    (condition dropout: one network learns eps(x, y) and eps(x), Ho & Salimans Algorithm 1)."""
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < p_uncond
+    return torch.where(drop, torch.full_like(y, num_classes), y)
+
+
+def ddpm_loss(eps_pred: Tensor, eps: Tensor) -> Tensor:
+    """The simple loss, DDPM eq. 14: || eps - eps_theta(x_t, t) ||^2, averaged over all elements."""
+    return F.mse_loss(eps_pred, eps)
+
+
+def _guided_eps(model: nn.Module, x: Tensor, t: Tensor, y: Tensor | None, scale: float) -> Tensor:
+    """eps for one sampling step: conditional, unconditional, or guided (one batched forward)."""
+    if y is None:
+        return model(x, t, None)
+    if scale == 1.0:
+        return model(x, t, y)
+    null = torch.full_like(y, model.num_classes)
+    eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+    return cfg_mix(eps_cond, eps_uncond, scale)
+
+
+@torch.no_grad()
+def sample_ancestral(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    y: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+    trajectory_every: int = 100,
+    clip_sample: float | None = 1.0,
+) -> Tensor | tuple[Tensor, list[Tensor]]:
+    """DDPM Algorithm 2: start from N(0, I) and apply :meth:`NoiseSchedule.step` for t = T-1..0.
+
+    Arguments:
+        model: eps_theta(x, t, y).
+        shape: ``(B, C, H, W)``.
+        y: labels ``(B,)`` or ``None`` (unconditional).
+        guidance_scale: classifier-free guidance scale (1 = plain conditional).
+        generator: a CPU ``torch.Generator`` for the noise (reproducible on any device).
+        return_trajectory: also return x_t every ``trajectory_every`` steps (and x_0), for pictures.
+        clip_sample: clamp each predicted x_0 to this range (DDPM's sampler does, for data in [-1, 1]);
+            ``None`` for no clipping (latents).
+    """
+    device = next(model.parameters()).device
+    x = torch.randn(shape, generator=generator).to(device)
+    traj = [x.cpu()]
+    for t in reversed(range(schedule.num_steps)):
+        tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
+        eps = _guided_eps(model, x, tt, y, guidance_scale)
+        noise = torch.randn(shape, generator=generator).to(device) if t > 0 else None
+        x = schedule.step(eps, t, x, noise, clip_sample=clip_sample)
+        if return_trajectory and (t % trajectory_every == 0):
+            traj.append(x.cpu())
+    return (x, traj) if return_trajectory else x
+
+
+@torch.no_grad()
+def sample_ddim(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    y: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    num_steps: int = 50,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    clip_sample: float | None = 1.0,
+) -> Tensor:
+    """DDIM sampling (Song et al. eq. 12) on ``num_steps`` evenly spaced timesteps; eta = 0 is deterministic.
+    ``clip_sample`` as in :func:`sample_ancestral`."""
+    device = next(model.parameters()).device
+    x = torch.randn(shape, generator=generator).to(device)
+    ts = schedule.ddim_timesteps(num_steps)
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
+        eps = _guided_eps(model, x, tt, y, guidance_scale)
+        noise = torch.randn(shape, generator=generator).to(device) if eta > 0 else None
+        x = schedule.ddim_step(eps, t, t_prev, x, eta=eta, noise=noise, clip_sample=clip_sample)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Config, LightningModule
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DDPMConfig:
+    """Sizes and hyperparameters of the DDPM (pixel space) and of its latent-space twin."""
+
+    in_channels: int = 3
+    image_size: int = 32
+    num_classes: int = 12
+    channels: tuple[int, ...] = (64, 128)
+    patch: int = 4
+    attention: tuple[bool, ...] = (False, True)
+    emb_dim: int = 128
+    num_steps: int = 1000  # T
+    schedule: str = "cosine"
+    p_uncond: float = 0.1  # condition dropout
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    max_steps: int = 1500  # optimizer steps
+    warmup_steps: int = 100
+    ema_decay: float = 0.995
+    num_train: int = 8192  # Shapes training images (seed 0)
+    guidance_scale: float = 3.0  # classifier-free guidance used for the reported samples
+    clip_sample: float | None = 1.0  # clamp predicted x0 while sampling pixels (latents: never)
+    num_samples: int = 256  # images for the 1000-step sample_fd (and the 50-step DDIM one)
+    ddim_steps: int = 50
+    # latent diffusion: the same DDPM on the VAE's latents
+    latent_channels_unet: tuple[int, ...] = (64, 128)
+    latent_max_steps: int = 1500
+
+    @classmethod
+    def preset(cls, profile: str | None = None) -> DDPMConfig:
+        import minivfm
+
+        p = minivfm.profile(profile)
+        if p == "ci":
+            return cls(channels=(32, 64), emb_dim=64, batch_size=32, max_steps=150, warmup_steps=10,
+                       ema_decay=0.9, num_train=512, num_samples=32, latent_channels_unet=(32, 64),
+                       latent_max_steps=60)  # fmt: skip
+        if p == "cpu":
+            return cls()
+        return cls(channels=(128, 256), emb_dim=256, batch_size=256, max_steps=20000, warmup_steps=500,
+                   ema_decay=0.9995, num_train=50000, num_samples=2000, latent_channels_unet=(128, 256),
+                   latent_max_steps=20000)  # fmt: skip
+
+    def unet(self, in_channels: int | None = None, image_size: int | None = None, latent: bool = False) -> UNet:
+        return UNet(
+            in_channels=in_channels or self.in_channels,
+            image_size=image_size or self.image_size,
+            channels=self.latent_channels_unet if latent else self.channels,
+            num_classes=self.num_classes,
+            patch=1 if latent else self.patch,
+            attention=self.attention,
+            emb_dim=self.emb_dim,
+        )
+
+
+class DDPM(L.LightningModule):
+    """Trains a :class:`UNet` with the simple loss (DDPM Algorithm 1) plus condition dropout.
+
+    Keeps an exponential moving average of the weights (``ema``, used for sampling).
+    ``batch`` is a dict with ``image`` ``(B, C, H, W)`` and ``label`` ``(B,)``; for latent
+    diffusion pass latents as ``image`` (and ``in_channels``/``image_size`` of the latents).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int = 32,
+        num_classes: int = 12,
+        channels: tuple[int, ...] = (64, 128),
+        patch: int = 4,
+        attention: tuple[bool, ...] = (False, True),
+        emb_dim: int = 128,
+        num_steps: int = 1000,
+        schedule: str = "cosine",
+        p_uncond: float = 0.1,
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        max_steps: int = 1500,
+        ema_decay: float = 0.995,
+        clip_sample: float | None = 1.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.schedule = NoiseSchedule(num_steps, schedule)
+        args = (in_channels, image_size, tuple(channels), num_classes, patch, tuple(attention), emb_dim)
+        self.model = UNet(*args, alphas_cumprod=self.schedule.alphas_cumprod)
+        self.ema = UNet(*args, alphas_cumprod=self.schedule.alphas_cumprod)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.ema.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, cfg: DDPMConfig, latent_shape: tuple[int, int, int] | None = None) -> DDPM:
+        kw = dict(channels=cfg.channels, patch=cfg.patch)
+        in_channels, image_size = cfg.in_channels, cfg.image_size
+        if latent_shape is not None:
+            in_channels, image_size = latent_shape[0], latent_shape[1]
+            kw = dict(channels=cfg.latent_channels_unet, patch=1)
+        return cls(
+            in_channels=in_channels, image_size=image_size, num_classes=cfg.num_classes,
+            attention=cfg.attention, emb_dim=cfg.emb_dim, num_steps=cfg.num_steps, schedule=cfg.schedule,
+            p_uncond=cfg.p_uncond, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+            max_steps=cfg.latent_max_steps if latent_shape is not None else cfg.max_steps,
+            ema_decay=cfg.ema_decay, clip_sample=None if latent_shape is not None else cfg.clip_sample, **kw,
+        )  # fmt: skip
+
+    def _step(self, batch: dict, stage: str) -> Tensor:
+        x0, y = batch["image"], batch["label"].long()
+        B = x0.shape[0]
+        t = torch.randint(0, self.schedule.num_steps, (B,), device=x0.device)
+        eps = torch.randn_like(x0)
+        x_t = self.schedule.add_noise(x0, eps, t)  # eq. 4
+        if stage == "train":
+            y = drop_labels(y, self.hparams.p_uncond, self.hparams.num_classes)
+        loss = ddpm_loss(self.model(x_t, t, y), eps)  # eq. 14
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=B)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._step(batch, "test")
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # EMA with a warm-up (the effective decay grows as 1 - 1/(step + 1) early on)
+        step = self.global_step
+        decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
+        for p_ema, p in zip(self.ema.parameters(), self.model.parameters()):
+            p_ema.lerp_(p, 1 - decay)
+        for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
+            b_ema.copy_(b)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warm, total = self.hparams.warmup_steps, max(self.hparams.max_steps, 1)
+
+        def lr_lambda(step: int) -> float:  # linear warm-up, then cosine decay to 10%
+            if step < warm:
+                return (step + 1) / warm
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def sample(
+        self,
+        y: Tensor | None = None,
+        num_samples: int | None = None,
+        guidance_scale: float = 1.0,
+        sampler: str = "ddim",
+        num_steps: int = 50,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> Tensor:
+        """Samples ``(B, C, H, W)`` from the (EMA) model: ``sampler`` is ``"ddim"`` (``num_steps``)
+        or ``"ancestral"`` (all T steps). Give labels ``y`` or, unconditionally, ``num_samples``."""
+        if sampler not in ("ddim", "ancestral"):
+            raise ValueError(f"sampler must be 'ddim' or 'ancestral', got {sampler!r}")
+        if y is None and num_samples is None:
+            raise ValueError("give labels y (B,) or num_samples")
+        net = (self.ema if use_ema else self.model).eval()
+        B = y.shape[0] if y is not None else num_samples
+        shape = (B, self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size)
+        if y is not None:
+            y = y.to(self.device)
+        clip = self.hparams.clip_sample
+        if sampler == "ancestral":
+            return sample_ancestral(net, self.schedule, shape, y, guidance_scale, generator, clip_sample=clip)
+        return sample_ddim(
+            net, self.schedule, shape, y, guidance_scale, num_steps, generator=generator, clip_sample=clip
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Results: pixel and latent diffusion, measured with minivfm.metrics
+# --------------------------------------------------------------------------------------------------
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """In-memory ``{"image", "label"}`` items (images or latents)."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels.long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+def shapes_tensors(num: int, image_size: int = 32, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``num`` Shapes images ``(N, 3, H, W)`` in [-1, 1] and labels ``(N,)``, rendered at once."""
+    from minivfm.data import Shapes
+
+    batch = Shapes(num, image_size=image_size, seed=seed).get_batch(range(num))
+    return batch["image"], batch["label"]
+
+
+def _trainer(max_steps: int, profile: str) -> L.Trainer:
+    import minivfm
+
+    gpu = minivfm.profile(profile) == "gpu"
+    return L.Trainer(
+        max_steps=max_steps, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, precision="bf16-mixed" if gpu else "32-true",
+    )  # fmt: skip
+
+
+def fit(module: L.LightningModule, images: Tensor, labels: Tensor, batch_size: int, max_steps: int, profile: str):
+    """Train ``module`` for ``max_steps`` optimizer steps on in-memory ``images``/``labels``."""
+    loader = torch.utils.data.DataLoader(
+        _Pairs(images, labels), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0
+    )
+    _trainer(max_steps, profile).fit(module, loader)
+    return module
+
+
+def train_vae(profile: str, images: Tensor, labels: Tensor):
+    """Train minivfm's VAE (``VAEConfig.preset(profile)``) on ``images``; returns the ``VAE`` in eval mode."""
+    from minivfm.models.vae import LitVAE, VAEConfig
+
+    vcfg = VAEConfig.preset(profile)
+    lit = LitVAE.from_config(vcfg)
+    n = min(len(images), vcfg.num_train)
+    steps = vcfg.max_epochs * (n // vcfg.batch_size)
+    fit(lit, images[:n], labels[:n], vcfg.batch_size, steps, profile)
+    return lit.model.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, images: Tensor, batch_size: int = 512) -> Tensor:
+    """Posterior means of ``images`` under the VAE, ``(N, Z, h, w)``."""
+    device = next(vae.parameters()).device
+    out = [vae.encode(images[i : i + batch_size].to(device))[0].cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(vae, z: Tensor, batch_size: int = 512) -> Tensor:
+    device = next(vae.parameters()).device
+    out = [vae.decode(z[i : i + batch_size].to(device)).clamp(-1, 1).cpu() for i in range(0, len(z), batch_size)]
+    return torch.cat(out)
+
+
+class _Reporter:
+    """Collects results, prints them (``verbose``) and writes them to ``out_dir`` as they come."""
+
+    def __init__(self, profile: str, out_dir: str | None, verbose: bool, name: str) -> None:
+        self.profile, self.out_dir, self.verbose, self.name = profile, out_dir, verbose, name
+        self.out: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def __call__(self, **kw: float) -> None:
+        import json
+        from pathlib import Path
+
+        self.out.update({k: float(v) for k, v in kw.items()})
+        if self.verbose:
+            items = " ".join(f"{k}={v:.4g}" for k, v in kw.items())
+            print(f"{items} [{time.perf_counter() - self.start:.0f} s]", flush=True)
+        if self.out_dir is not None:
+            Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+            Path(self.out_dir, f"ddpm_{self.name}.json").write_text(json.dumps(self.out, indent=1))
+
+    def grid(self, name: str, x: Tensor) -> None:
+        if self.out_dir is not None:
+            from minivfm.viz import image_grid
+
+            title = f"DDPM {name} ({self.profile})"
+            image_grid(x[:48], nrow=12, title=title, path=f"{self.out_dir}/ddpm_{name}.png")
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    x = fn().float().cpu()
+    return x, time.perf_counter() - t
+
+
+def results_pixel(profile: str, out_dir: str | None = None, verbose: bool = False) -> dict[str, float]:
+    """The pixel-space half of :func:`results` (seeded on its own, so it can run in its own process)."""
+    from minivfm import metrics
+
+    cfg = DDPMConfig.preset(profile)
+    report = _Reporter(profile, out_dir, verbose, "pixel")
+    L.seed_everything(0, workers=True)
+    images, labels = shapes_tensors(cfg.num_train, cfg.image_size, seed=0)
+    model = DDPM.from_config(cfg)
+    t0 = time.perf_counter()
+    fit(model, images, labels, cfg.batch_size, cfg.max_steps, profile)
+    report(train_seconds=time.perf_counter() - t0)
+    n, K = cfg.num_samples, cfg.num_classes
+    y = torch.arange(n) % K
+    report(num_samples=n, real_fd=metrics.real_fd(n))
+
+    def draw(sampler: str):
+        return model.sample(y, guidance_scale=cfg.guidance_scale, sampler=sampler, num_steps=cfg.ddim_steps,
+                            generator=torch.Generator().manual_seed(1))  # fmt: skip
+
+    ddim, secs = _timed(lambda: draw("ddim"))
+    report.grid("ddim", ddim)
+    report(ddim_seconds=secs, ddim_sample_fd=metrics.sample_fd(ddim), ddim_sample_acc=metrics.sample_acc(ddim, y))
+    # the full 1000-step ancestral sampler (DDPM Algorithm 2): the slow one
+    anc, secs = _timed(lambda: draw("ancestral"))
+    report.grid("ancestral", anc)
+    report(ancestral_seconds=secs, sample_fd=metrics.sample_fd(anc), sample_acc=metrics.sample_acc(anc, y))
+    report(pixel_seconds=time.perf_counter() - report.start)
+    return report.out
+
+
+def results_latent(profile: str, out_dir: str | None = None, verbose: bool = False) -> dict[str, float]:
+    """The latent-diffusion half of :func:`results`: train minivfm's VAE, then the same DDPM on its
+    latents (posterior means scaled to unit variance, LDM's scale factor), DDIM-sample and decode."""
+    from minivfm import metrics
+
+    cfg = DDPMConfig.preset(profile)
+    report = _Reporter(profile, out_dir, verbose, "latent")
+    L.seed_everything(1, workers=True)
+    images, labels = shapes_tensors(cfg.num_train, cfg.image_size, seed=0)
+    t0 = time.perf_counter()
+    vae = train_vae(profile, images, labels)
+    z = encode_latents(vae, images)
+    scale = 1.0 / z.std().item()
+    n, K = cfg.num_samples, cfg.num_classes
+    report(vae_train_seconds=time.perf_counter() - t0,
+           vae_recon_fd=metrics.sample_fd(decode_latents(vae, encode_latents(vae, images[:n]))))  # fmt: skip
+    lmodel = DDPM.from_config(cfg, latent_shape=tuple(z.shape[1:]))
+    fit(lmodel, z * scale, labels, cfg.batch_size, cfg.latent_max_steps, profile)
+    report(latent_train_seconds=time.perf_counter() - t0)
+    y = torch.arange(n) % K
+    t = time.perf_counter()
+    zs = lmodel.sample(y, guidance_scale=cfg.guidance_scale, sampler="ddim", num_steps=cfg.ddim_steps,
+                       generator=torch.Generator().manual_seed(1)) / scale  # fmt: skip
+    lat = decode_latents(vae, zs.float().cpu())
+    secs = time.perf_counter() - t
+    report.grid("latent_ddim", lat)
+    report(latent_ddim_seconds=secs, latent_sample_fd=metrics.sample_fd(lat),
+           latent_sample_acc=metrics.sample_acc(lat, y))  # fmt: skip
+    report(latent_seconds=time.perf_counter() - report.start)
+    return report.out
+
+
+def results(profile: str, out_dir: str | None = None, verbose: bool = False) -> dict[str, float]:
+    """Train the pixel-space DDPM and the latent DDPM under ``profile``; measure them.
+
+    Samples are class-conditional (labels cycling through the classes), guided with
+    ``cfg.guidance_scale``, from the EMA weights, ``cfg.num_samples`` of each kind. Returns:
+
+    - ``sample_fd``, ``sample_acc``: the 1000-step ancestral sampler;
+    - ``ddim_sample_fd``, ``ddim_sample_acc``: the same labels, 50-step DDIM (eta 0);
+    - ``latent_sample_fd``, ``latent_sample_acc``: DDPM on the VAE's latents, 50-step DDIM, decoded;
+      ``vae_recon_fd``: the FD of the VAE's reconstructions of real images (the latent model's ceiling);
+    - ``real_fd``: the floor, real images vs real images at the same N;
+    - ``ancestral_seconds``, ``ddim_seconds``, ``latent_ddim_seconds``: sampling times;
+      ``train_seconds``, ``latent_train_seconds`` (VAE included), ``seconds`` (everything).
+
+    ``out_dir``: also write sample grids and the partial results (JSON) there as they come.
+    ``verbose``: print each number as it is measured.
+    """
+    start = time.perf_counter()
+    out = results_pixel(profile, out_dir, verbose)
+    out.update(results_latent(profile, out_dir, verbose))
+    out["seconds"] = time.perf_counter() - start
+    return out

@@ -71,7 +71,8 @@ class GANConfig:
             return cls(latent_dim=32, g_channels=(64, 32, 16), d_channels=(16, 32, 64), max_epochs=3,
                        num_train=1024, num_samples=128)
         if p == "cpu":
-            return cls(max_epochs=8, num_train=4096, num_samples=1000)
+            return cls(g_channels=(96, 48, 24), d_channels=(24, 48, 96), max_epochs=8, num_train=4096,
+                       num_samples=1000)
         return cls(latent_dim=128, g_channels=(256, 128, 64), d_channels=(64, 128, 256), batch_size=128,
                    max_epochs=40, num_train=50000, num_samples=5000)
 
@@ -352,12 +353,13 @@ class LitGAN(L.LightningModule):
 def results(profile: str) -> dict[str, float]:
     """Train the class-conditional GAN under ``profile``; return ``sample_fd``, ``sample_acc``, ``seconds``."""
     from minivfm import metrics
-    from minivfm.data import Shapes, collate
+    from minivfm.data import collate
+    from minivfm.models.vae import _shapes
 
     cfg = GANConfig.preset(profile)
     L.seed_everything(0, workers=True)
     start = time.perf_counter()
-    data = Shapes(cfg.num_train, image_size=cfg.image_size, seed=0)
+    data = _shapes(cfg.num_train, cfg.image_size, seed=0)  # rendered once, held in memory
     cfg.num_classes = int(data.num_classes)
     train = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                         collate_fn=collate)
