@@ -434,3 +434,57 @@ def test_lightning_training_and_ema():
     assert max(diffs) > 0
     samples = model.sample(torch.tensor([0, 1]), guidance_scale=2.0, num_steps=5)
     assert samples.shape == (2, 3, 32, 32) and torch.isfinite(samples).all()
+
+
+# -- lesson checks ----------------------------------------------------------------------------------------
+
+
+def test_lesson_checks_pass_the_library_and_catch_mistakes(capsys):
+    from minivfm.course.checks import ddpm as checks
+
+    checks.check_q_sample(ddpm.q_sample)
+    checks.check_posterior_mean_x0(ddpm.posterior_mean_x0)
+    checks.check_ddim_update(ddpm.ddim_update)
+    checks.check_cfg_mix(ddpm.cfg_mix)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("✓ ") for line in lines)
+
+    def q_no_broadcast(x0, t, noise, ac):  # forgets sqrt on the noise coefficient
+        a = ac[t].reshape(-1, *([1] * (x0.ndim - 1)))
+        return a.sqrt() * x0 + (1 - a) * noise
+
+    def pm_wrap_around(x0, x_t, t, ac):  # alpha_bar[-1] at t = 0 is the last entry, not 1
+        a, ap = ac[t], ac[t - 1]
+        b = 1 - a / ap
+        return ap.sqrt() * b / (1 - a) * x0 + (1 - b).sqrt() * (1 - ap) / (1 - a) * x_t
+
+    def ddim_last_step(eps, x_t, t, t_prev, ac):  # uses alphas_cumprod[t_prev] even for t_prev < 0
+        a, ap = ac[t], ac[t_prev]
+        return ap.sqrt() * (x_t - (1 - a).sqrt() * eps) / a.sqrt() + (1 - ap).sqrt() * eps
+
+    def cfg_wrong(c, u, s):
+        return c + s * (c - u)
+
+    def not_done(*args):
+        raise NotImplementedError()
+
+    for check, bad in [
+        (checks.check_q_sample, q_no_broadcast),
+        (checks.check_posterior_mean_x0, pm_wrap_around),
+        (checks.check_ddim_update, ddim_last_step),
+        (checks.check_cfg_mix, cfg_wrong),
+        (checks.check_q_sample, not_done),
+    ]:
+        with pytest.raises(AssertionError):
+            check(bad)
+
+
+@pytest.mark.slow
+def test_results_ci_runs_and_reports_every_metric():
+    out = ddpm.results("ci")
+    for key in ["sample_fd", "sample_acc", "ddim_sample_fd", "latent_sample_fd", "real_fd", "seconds",
+                "ancestral_seconds", "ddim_seconds"]:  # fmt: skip
+        assert key in out and math.isfinite(out[key]), key
+    assert 0 <= out["sample_acc"] <= 1
+    assert out["real_fd"] < out["sample_fd"]  # 150 ci steps are far from real images
+    assert out["ddim_seconds"] < out["ancestral_seconds"]

@@ -19,6 +19,7 @@ D width, L depth, K classes.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -78,9 +79,9 @@ class ViTConfig:
             )  # fmt: skip
         if name == "cpu":
             return cls(
-                patch_size=8, embed_dim=96, depth=4, num_heads=3, batch_size=64, lr=2e-3, warmup_epochs=1.0,
-                max_epochs=60 if digits else 10, shift=2 if digits else 0, data=data,
-                num_train=8000, num_val=1000, num_test=2000,
+                patch_size=8, embed_dim=64, depth=4, num_heads=4, batch_size=64, lr=2e-3,
+                warmup_epochs=2.0 if digits else 1.0, max_epochs=50 if digits else 12, shift=2 if digits else 0,
+                data=data, num_train=6000, num_val=500, num_test=2000,
             )  # fmt: skip
         return cls(
             patch_size=4, embed_dim=192, depth=6, num_heads=3, batch_size=256, lr=1e-3, warmup_epochs=5.0,
@@ -439,7 +440,7 @@ class ViTClassifier(L.LightningModule):
     @classmethod
     def from_config(cls, cfg: ViTConfig, **overrides) -> ViTClassifier:
         """Build from a :class:`ViTConfig` (the fields that are constructor arguments)."""
-        names = {f.name for f in fields(cfg)} & set(cls.__init__.__code__.co_varnames)
+        names = {f.name for f in fields(cfg)} & set(inspect.signature(ViTClassifier.__init__).parameters)
         return cls(**{**{k: v for k, v in asdict(cfg).items() if k in names}, **overrides})
 
     def forward(self, images: Tensor) -> Tensor:
