@@ -339,3 +339,16 @@ def test_results_ci_learns() -> None:
     # chance is 1/12 on Shapes and 1/10 on Digits
     assert out["shapes_acc"] > 0.2 and out["digits_acc"] > 0.5, out
     assert out["seconds"] > 0
+
+
+def test_hparams_are_the_filled_in_values() -> None:
+    """LightningCLI records the arguments as given (None); hparams must hold the preset's values."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    cfg = ViTConfig.preset("ci")
+    given = dict(image_size=32, in_chans=3, num_classes=12, lr=None, max_epochs=None, profile="ci")
+    with _given_hyperparameters_context(hparams=given, instantiator="lightning.pytorch.cli.instantiate_module"):
+        model = ViTClassifier(**given)
+    assert model.hparams["lr"] == cfg.lr and model.hparams["max_epochs"] == cfg.max_epochs
+    assert model.hparams["embed_dim"] == cfg.embed_dim and model.hparams["num_classes"] == 12
+    assert ViTClassifier(profile="ci", max_epochs=3).hparams["max_epochs"] == 3

@@ -417,6 +417,7 @@ class ViTClassifier(L.LightningModule):
         warmup_epochs: float | None = None,
         label_smoothing: float | None = None,
         shift: int | None = None,
+        max_epochs: int | None = None,
         profile: str | None = None,
     ) -> None:
         super().__init__()
@@ -434,7 +435,17 @@ class ViTClassifier(L.LightningModule):
         warmup_epochs = preset.warmup_epochs if warmup_epochs is None else warmup_epochs
         label_smoothing = preset.label_smoothing if label_smoothing is None else label_smoothing
         shift = preset.shift if shift is None else shift
-        self.save_hyperparameters()  # the filled-in values, so a checkpoint does not depend on the profile
+        max_epochs = preset.max_epochs if max_epochs is None else max_epochs
+        self.save_hyperparameters()
+        # LightningCLI makes save_hyperparameters() record the arguments as given (None); store the
+        # filled-in values, so a checkpoint does not depend on the profile and the CLI finds max_epochs
+        resolved = dict(
+            image_size=image_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, lr=lr,
+            weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+            shift=shift, max_epochs=max_epochs,
+        )  # fmt: skip
+        self.hparams.update(resolved)
         self.model = ViT(image_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio)
 
     @classmethod
