@@ -351,4 +351,5 @@ def test_hparams_are_the_filled_in_values() -> None:
         model = ViTClassifier(**given)
     assert model.hparams["lr"] == cfg.lr and model.hparams["max_epochs"] == cfg.max_epochs
     assert model.hparams["embed_dim"] == cfg.embed_dim and model.hparams["num_classes"] == 12
+    assert model.hparams_initial["lr"] == cfg.lr  # what the logger writes to hparams.yaml
     assert ViTClassifier(profile="ci", max_epochs=3).hparams["max_epochs"] == 3

@@ -436,16 +436,17 @@ class ViTClassifier(L.LightningModule):
         label_smoothing = preset.label_smoothing if label_smoothing is None else label_smoothing
         shift = preset.shift if shift is None else shift
         max_epochs = preset.max_epochs if max_epochs is None else max_epochs
+        # LightningCLI makes save_hyperparameters() record the arguments as given (None) and its
+        # _instantiator; store the filled-in values over them, so that a checkpoint and hparams.yaml
+        # do not depend on the profile and the CLI finds max_epochs
         self.save_hyperparameters()
-        # LightningCLI makes save_hyperparameters() record the arguments as given (None); store the
-        # filled-in values, so a checkpoint does not depend on the profile and the CLI finds max_epochs
         resolved = dict(
             image_size=image_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, lr=lr,
             weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
             shift=shift, max_epochs=max_epochs,
         )  # fmt: skip
-        self.hparams.update(resolved)
+        self.save_hyperparameters({**self.hparams, **resolved})
         self.model = ViT(image_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio)
 
     @classmethod
