@@ -400,6 +400,8 @@ class ViTClassifier(L.LightningModule):
     """Image classification with a :class:`ViT`: cross-entropy with label smoothing, AdamW,
     linear warmup then cosine decay (per step). Arguments left ``None`` come from
     ``ViTConfig.preset()`` for the active profile. Batches are dicts with ``image`` and ``label``.
+    ``max_epochs`` trains nothing here: it is stored in ``hparams`` for ``minivfm fit``, which uses
+    it as the trainer's ``max_epochs`` when the config sets none.
     """
 
     def __init__(
