@@ -322,6 +322,22 @@ def sample_acc(images: Tensor, labels: Tensor) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+def _probe_inputs(
+    train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Features as float (N, D) and labels as long (N,), checked to agree; shared by the probes."""
+    train_feats, test_feats = torch.as_tensor(train_feats).float(), torch.as_tensor(test_feats).float()
+    train_labels, test_labels = torch.as_tensor(train_labels).long(), torch.as_tensor(test_labels).long()
+    if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(
+            f"train_feats and test_feats must be (N, D) with the same D, got {tuple(train_feats.shape)} "
+            f"and {tuple(test_feats.shape)}"
+        )
+    if len(train_labels) != len(train_feats) or len(test_labels) != len(test_feats):
+        raise ValueError("train_labels / test_labels must have one label per feature row")
+    return train_feats, train_labels, test_feats, test_labels
+
+
 def knn_accuracy(
     train_feats: Tensor,
     train_labels: Tensor,
@@ -333,15 +349,9 @@ def knn_accuracy(
 ) -> float:
     """Weighted k-NN classification accuracy on L2-normalised features (DINO's k-NN probe):
     the k nearest training features by cosine similarity vote with weight exp(sim / temperature)."""
-    train_feats, test_feats = torch.as_tensor(train_feats).float(), torch.as_tensor(test_feats).float()
-    train_labels, test_labels = torch.as_tensor(train_labels).long(), torch.as_tensor(test_labels).long()
-    if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(
-            f"train_feats and test_feats must be (N, D) with the same D, got {tuple(train_feats.shape)} "
-            f"and {tuple(test_feats.shape)}"
-        )
-    if len(train_labels) != len(train_feats) or len(test_labels) != len(test_feats):
-        raise ValueError("train_labels / test_labels must have one label per feature row")
+    train_feats, train_labels, test_feats, test_labels = _probe_inputs(
+        train_feats, train_labels, test_feats, test_labels
+    )
     if not isinstance(k, int) or not 1 <= k <= len(train_feats):
         raise ValueError(f"k must be an int in [1, {len(train_feats)}], got {k!r}")
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
@@ -366,15 +376,9 @@ def linear_probe(
 ) -> float:
     """Accuracy of a linear classifier (multinomial logistic regression, full-batch L-BFGS on
     standardised features) trained on frozen ``train_feats`` and evaluated on ``test_feats``."""
-    train_feats, test_feats = torch.as_tensor(train_feats).float(), torch.as_tensor(test_feats).float()
-    train_labels, test_labels = torch.as_tensor(train_labels).long(), torch.as_tensor(test_labels).long()
-    if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(
-            f"train_feats and test_feats must be (N, D) with the same D, got {tuple(train_feats.shape)} "
-            f"and {tuple(test_feats.shape)}"
-        )
-    if len(train_labels) != len(train_feats) or len(test_labels) != len(test_feats):
-        raise ValueError("train_labels / test_labels must have one label per feature row")
+    train_feats, train_labels, test_feats, test_labels = _probe_inputs(
+        train_feats, train_labels, test_feats, test_labels
+    )
     mean, std = train_feats.mean(0), train_feats.std(0) + 1e-6
     xtr, xte = (train_feats - mean) / std, (test_feats - mean) / std
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
