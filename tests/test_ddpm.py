@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -376,6 +377,50 @@ def test_ddpm_loss_and_label_dropout():
     assert 0.08 < frac < 0.12
     assert torch.equal(dropped[dropped != 12], y[dropped != 12])
     assert torch.equal(ddpm.drop_labels(y, 0.0, 12), y)
+
+
+def test_weighted_loss_and_min_snr_weight():
+    g = torch.Generator().manual_seed(0)
+    pred, eps = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    per_sample = (pred - eps).pow(2).mean(dim=(1, 2, 3))
+    w = torch.tensor([1.0, 0.5, 0.0, 2.0])
+    assert ddpm.ddpm_loss(pred, eps, w).item() == pytest.approx((w * per_sample).mean().item(), rel=1e-6)
+    assert ddpm.ddpm_loss(pred, eps, torch.ones(4)).item() == pytest.approx(ddpm.ddpm_loss(pred, eps).item())
+    with pytest.raises(ValueError, match="weight"):
+        ddpm.ddpm_loss(pred, eps, torch.ones(3))
+
+    s = ddpm.NoiseSchedule(1000, "cosine")
+    t = torch.arange(1000)
+    snr = s.alphas_cumprod / (1 - s.alphas_cumprod)
+    for gamma in (1.0, 5.0):
+        w = ddpm.min_snr_weight(s.alphas_cumprod, t, gamma)
+        assert w.shape == (1000,) and torch.isfinite(w).all() and (w > 0).all() and (w <= 1).all()
+        assert torch.allclose(w, torch.minimum(snr, torch.tensor(gamma)) / snr)  # Hang et al. 2023
+        assert (w[snr <= gamma] == 1).all() and (w[snr > gamma] < 1).all()
+    assert ddpm.min_snr_weight(torch.tensor([0.0, 0.5]), torch.tensor([0, 1]), 1.0).tolist() == [1.0, 1.0]
+    for bad in (0, -1.0, True, "5"):
+        with pytest.raises(ValueError, match="gamma"):
+            ddpm.min_snr_weight(s.alphas_cumprod, t, bad)
+
+
+def test_training_step_uses_min_snr_weights():
+    """The module's loss with min_snr_gamma equals the weighted loss computed by hand."""
+    cfg = ddpm.DDPMConfig.preset("ci")
+    x, y = ddpm.shapes_tensors(8, seed=0)
+    losses = {}
+    for gamma in (None, 1.0):
+        model = ddpm.DDPM.from_config(dataclasses.replace(cfg, min_snr_gamma=gamma, p_uncond=0.0))
+        model.log = lambda *a, **k: None
+        torch.manual_seed(0)
+        losses[gamma] = model._step({"image": x, "label": y}, "train").item()
+        torch.manual_seed(0)
+        t = torch.randint(0, 1000, (8,))
+        eps = torch.randn_like(x)
+        with torch.no_grad():
+            pred = model.model(model.schedule.add_noise(x, eps, t), t, y)
+        w = ddpm.min_snr_weight(model.schedule.alphas_cumprod, t, gamma) if gamma else None
+        assert losses[gamma] == pytest.approx(ddpm.ddpm_loss(pred, eps, w).item(), rel=1e-5)
+    assert losses[1.0] < losses[None]
 
 
 def test_config_presets_build():

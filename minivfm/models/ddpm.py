@@ -41,6 +41,7 @@ __all__ = [
     "cfg_mix",
     "UNet",
     "ddpm_loss",
+    "min_snr_weight",
     "drop_labels",
     "DDPMConfig",
     "DDPM",
@@ -507,9 +508,33 @@ def drop_labels(y: Tensor, p_uncond: float, num_classes: int, generator: torch.G
     return torch.where(drop, torch.full_like(y, num_classes), y)
 
 
-def ddpm_loss(eps_pred: Tensor, eps: Tensor) -> Tensor:
-    """The simple loss, DDPM eq. 14: || eps - eps_theta(x_t, t) ||^2, averaged over all elements."""
-    return F.mse_loss(eps_pred, eps)
+def ddpm_loss(eps_pred: Tensor, eps: Tensor, weight: Tensor | None = None) -> Tensor:
+    """The simple loss, DDPM eq. 14: || eps - eps_theta(x_t, t) ||^2, averaged over all elements.
+
+    ``weight``: optional per-sample weights ``(B,)`` (e.g. :func:`min_snr_weight`); each sample's
+    mean squared error is multiplied by its weight before averaging.
+    """
+    if weight is None:
+        return F.mse_loss(eps_pred, eps)
+    if weight.shape != (eps.shape[0],):
+        raise ValueError(f"weight must have shape ({eps.shape[0]},), got {tuple(weight.shape)}")
+    per_sample = (eps_pred - eps).pow(2).flatten(1).mean(1)  # (B,)
+    return (weight.to(per_sample) * per_sample).mean()
+
+
+def min_snr_weight(alphas_cumprod: Tensor, t: Tensor, gamma: float) -> Tensor:
+    """Min-SNR-gamma weights for the epsilon loss (Hang et al. 2023, eq. 9 for eps-prediction):
+    w_t = min(SNR_t, gamma) / SNR_t with SNR_t = alpha-bar_t / (1 - alpha-bar_t).
+
+    The simple loss (w = 1) spends most of its gradient on nearly clean images, where eps is hard
+    to see and details are decided; capping the weight there gives the high-noise steps, where the
+    layout and shape of an image are decided, their share. Returns ``(B,)``, each in (0, 1].
+    """
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0:
+        raise ValueError(f"gamma must be a positive number, got {gamma!r}")
+    abar = alphas_cumprod.to(t.device)[t].float()
+    snr = abar / (1 - abar)
+    return (gamma / snr).clamp(max=1.0)  # = min(SNR, gamma) / SNR, and 1 where SNR = 0
 
 
 def _guided_eps(model: nn.Module, x: Tensor, t: Tensor, y: Tensor | None, scale: float) -> Tensor:
@@ -598,17 +623,18 @@ class DDPMConfig:
     in_channels: int = 3
     image_size: int = 32
     num_classes: int = 12
-    channels: tuple[int, ...] = (64, 128)
-    patch: int = 4
+    channels: tuple[int, ...] = (32, 64)
+    patch: int = 2
     attention: tuple[bool, ...] = (False, True)
     emb_dim: int = 128
     num_steps: int = 1000  # T
     schedule: str = "cosine"
     p_uncond: float = 0.1  # condition dropout
+    min_snr_gamma: float | None = 1.0  # Min-SNR loss weighting (None: the plain simple loss)
     lr: float = 2e-3
     weight_decay: float = 0.0
-    batch_size: int = 128
-    max_steps: int = 600  # optimizer steps (cpu: ~0.3 CPU-seconds each on one core)
+    batch_size: int = 64
+    max_steps: int = 4000  # optimizer steps (cpu: ~0.11 s each on 2 cores, 0.18 s on one)
     warmup_steps: int = 100
     ema_decay: float = 0.995
     num_train: int = 8192  # Shapes training images (seed 0)
@@ -626,7 +652,7 @@ class DDPMConfig:
 
         p = minivfm.profile(profile)
         if p == "ci":
-            return cls(channels=(32, 64), emb_dim=64, batch_size=32, max_steps=150, warmup_steps=10,
+            return cls(channels=(32, 64), patch=4, emb_dim=64, batch_size=32, max_steps=150, warmup_steps=10,
                        ema_decay=0.9, num_train=512, num_samples=32, latent_channels_unet=(32, 64),
                        latent_max_steps=60)  # fmt: skip
         if p == "cpu":
@@ -667,6 +693,7 @@ class DDPM(L.LightningModule):
         num_steps: int = 1000,
         schedule: str = "cosine",
         p_uncond: float = 0.1,
+        min_snr_gamma: float | None = None,
         lr: float = 2e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
@@ -693,7 +720,7 @@ class DDPM(L.LightningModule):
         return cls(
             in_channels=in_channels, image_size=image_size, num_classes=cfg.num_classes,
             attention=cfg.attention, emb_dim=cfg.emb_dim, num_steps=cfg.num_steps, schedule=cfg.schedule,
-            p_uncond=cfg.p_uncond, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+            p_uncond=cfg.p_uncond, min_snr_gamma=cfg.min_snr_gamma, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
             max_steps=cfg.latent_max_steps if latent_shape is not None else cfg.max_steps,
             ema_decay=cfg.ema_decay, clip_sample=None if latent_shape is not None else cfg.clip_sample, **kw,
         )  # fmt: skip
@@ -706,7 +733,9 @@ class DDPM(L.LightningModule):
         x_t = self.schedule.add_noise(x0, eps, t)  # eq. 4
         if stage == "train":
             y = drop_labels(y, self.hparams.p_uncond, self.hparams.num_classes)
-        loss = ddpm_loss(self.model(x_t, t, y), eps)  # eq. 14
+        gamma = self.hparams.min_snr_gamma
+        weight = min_snr_weight(self.schedule.alphas_cumprod, t, gamma) if gamma else None
+        loss = ddpm_loss(self.model(x_t, t, y), eps, weight)  # eq. 14 (Min-SNR weighted if gamma)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=B)
         return loss
 

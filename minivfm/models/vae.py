@@ -83,9 +83,9 @@ class VAEConfig:
                        num_samples=128)
         if p == "cpu":
             return cls(channels=(32, 64), batch_size=64, max_epochs=6, num_train=4096, num_val=512,
-                       num_samples=1000)
+                       num_samples=256)  # the DDPM's N, so the three sample_fd rows compare
         return cls(channels=(64, 128), batch_size=128, max_epochs=40, num_train=50000, num_val=2000,
-                   num_samples=5000)
+                   num_samples=2000)  # the DDPM's N
 
 
 @dataclass
