@@ -674,7 +674,8 @@ class DDPMConfig:
 
 
 class DDPM(L.LightningModule):
-    """Trains a :class:`UNet` with the simple loss (DDPM Algorithm 1) plus condition dropout.
+    """Trains a :class:`UNet` with the simple loss (DDPM Algorithm 1) plus condition dropout;
+    ``min_snr_gamma`` weights it per sample with :func:`min_snr_weight` (``None``: unweighted).
 
     Keeps an exponential moving average of the weights (``ema``, used for sampling).
     ``batch`` is a dict with ``image`` ``(B, C, H, W)`` and ``label`` ``(B,)``; for latent
