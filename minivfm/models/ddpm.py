@@ -721,7 +721,8 @@ class DDPM(L.LightningModule):
         return cls(
             in_channels=in_channels, image_size=image_size, num_classes=cfg.num_classes,
             attention=cfg.attention, emb_dim=cfg.emb_dim, num_steps=cfg.num_steps, schedule=cfg.schedule,
-            p_uncond=cfg.p_uncond, min_snr_gamma=cfg.min_snr_gamma, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+            p_uncond=cfg.p_uncond, min_snr_gamma=cfg.min_snr_gamma, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_steps,
             max_steps=cfg.latent_max_steps if latent_shape is not None else cfg.max_steps,
             ema_decay=cfg.ema_decay, clip_sample=None if latent_shape is not None else cfg.clip_sample, **kw,
         )  # fmt: skip
