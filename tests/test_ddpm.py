@@ -418,7 +418,7 @@ def test_training_step_uses_min_snr_weights():
         eps = torch.randn_like(x)
         with torch.no_grad():
             pred = model.model(model.schedule.add_noise(x, eps, t), t, y)
-        w = ddpm.min_snr_weight(model.schedule.alphas_cumprod, t, gamma) if gamma else None
+        w = None if gamma is None else ddpm.min_snr_weight(model.schedule.alphas_cumprod, t, gamma)
         assert losses[gamma] == pytest.approx(ddpm.ddpm_loss(pred, eps, w).item(), rel=1e-5)
     assert losses[1.0] < losses[None]
 

@@ -71,10 +71,10 @@ def _check_int(name: str, value, low: int | None = None, high: int | None = None
     return value
 
 
-def _check_clip(clip_sample) -> float:
-    if isinstance(clip_sample, bool) or not isinstance(clip_sample, (int, float)) or clip_sample <= 0:
-        raise ValueError(f"clip_sample must be a positive float or None, got {clip_sample!r}")
-    return float(clip_sample)
+def _check_positive(name: str, value, none_ok: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a positive number{' or None' if none_ok else ''}, got {value!r}")
+    return float(value)
 
 
 def make_betas(num_steps: int, schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -278,7 +278,7 @@ class NoiseSchedule:
         self._check_like("eps", eps, x_t, "x_t")
         x0 = predict_x0(eps, x_t, self.alphas_cumprod[t].to(x_t))
         if clip_sample is not None:
-            x0 = x0.clamp(-_check_clip(clip_sample), clip_sample)
+            x0 = x0.clamp(-_check_positive("clip_sample", clip_sample, none_ok=True), clip_sample)
         mean = posterior_mean_x0(x0, x_t, t, self.alphas_cumprod)
         if noise is None or t == 0:
             return mean
@@ -311,7 +311,7 @@ class NoiseSchedule:
         if noise is not None:
             self._check_like("noise", noise, x_t, "x_t")
         if clip_sample is not None:
-            _check_clip(clip_sample)
+            _check_positive("clip_sample", clip_sample, none_ok=True)
         return ddim_update(
             eps, x_t, t, t_prev, self.alphas_cumprod, eta=float(eta), noise=noise, clip_sample=clip_sample
         )
@@ -530,8 +530,7 @@ def min_snr_weight(alphas_cumprod: Tensor, t: Tensor, gamma: float) -> Tensor:
     to see and details are decided; capping the weight there gives the high-noise steps, where the
     layout and shape of an image are decided, their share. Returns ``(B,)``, each in (0, 1].
     """
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0:
-        raise ValueError(f"gamma must be a positive number, got {gamma!r}")
+    gamma = _check_positive("gamma", gamma)
     abar = alphas_cumprod.to(t.device)[t].float()
     snr = abar / (1 - abar)
     return (gamma / snr).clamp(max=1.0)  # = min(SNR, gamma) / SNR, and 1 where SNR = 0
@@ -736,7 +735,7 @@ class DDPM(L.LightningModule):
         if stage == "train":
             y = drop_labels(y, self.hparams.p_uncond, self.hparams.num_classes)
         gamma = self.hparams.min_snr_gamma
-        weight = min_snr_weight(self.schedule.alphas_cumprod, t, gamma) if gamma else None
+        weight = None if gamma is None else min_snr_weight(self.schedule.alphas_cumprod, t, gamma)
         loss = ddpm_loss(self.model(x_t, t, y), eps, weight)  # eq. 14 (Min-SNR weighted if gamma)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=B)
         return loss
