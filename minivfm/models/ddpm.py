@@ -8,6 +8,9 @@ Papers and equations used below:
     Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models" (DDIM): eq. 12 the update, eq. 16 sigma(eta).
     Ho & Salimans 2022, "Classifier-Free Diffusion Guidance" (eq. 6: the guided epsilon).
     Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models" (diffuse VAE latents).
+    Chen, Zhang & Hinton 2023, "Analog Bits" (sec. 3: self-conditioning on the previous x_0 estimate).
+    Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy" (the loss weight).
+    Esser et al. 2024, "Scaling Rectified Flow Transformers" (SD3; sec. 3.1: logit-normal timestep sampling).
 Reference implementation: huggingface/diffusers ``DDPMScheduler`` and ``DDIMScheduler``; the
 :class:`NoiseSchedule` below agrees with them numerically (see ``tests/test_ddpm.py``).
 
@@ -42,6 +45,8 @@ __all__ = [
     "UNet",
     "ddpm_loss",
     "min_snr_weight",
+    "sample_timesteps",
+    "T_SAMPLING",
     "drop_labels",
     "DDPMConfig",
     "DDPM",
@@ -53,6 +58,7 @@ __all__ = [
 ]
 
 SCHEDULES = ("linear", "cosine")
+T_SAMPLING = ("uniform", "logit_normal")
 
 # --------------------------------------------------------------------------------------------------
 # 1. The noise schedule (no network inside)
@@ -389,6 +395,8 @@ class UNet(nn.Module):
         patch: the fold factor (1 = none).
         attention: one flag per level.
         emb_dim: width of the timestep + class embedding.
+        self_condition: take a second image, the model's own previous estimate of x_0, concatenated
+            with x_t (Chen et al. 2023); ``forward``'s ``x_self_cond``, zeros when it is not given.
         alphas_cumprod: if given (the schedule's alpha-bar), the network body predicts
             v = sqrt(a) eps - sqrt(1 - a) x_0 (Salimans & Ho 2022) and ``forward`` returns the
             equivalent eps = sqrt(1 - a) x_t + sqrt(a) v. Still an eps-predictor, but at high noise the
@@ -405,6 +413,7 @@ class UNet(nn.Module):
         attention: tuple[bool, ...] | None = None,
         emb_dim: int = 128,
         alphas_cumprod: Tensor | None = None,
+        self_condition: bool = False,
     ) -> None:
         super().__init__()
         channels = tuple(channels)
@@ -417,10 +426,11 @@ class UNet(nn.Module):
                 f"{patch * 2 ** (len(channels) - 1)}"
             )
         self.in_channels, self.image_size, self.patch = in_channels, image_size, patch
-        self.num_classes = num_classes
+        self.num_classes, self.self_condition = num_classes, bool(self_condition)
         self.time_embed = nn.Sequential(nn.Linear(channels[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
-        self.stem = nn.Conv2d(in_channels * patch * patch, channels[0], 3, padding=1)
+        stem_in = in_channels * (2 if self_condition else 1) * patch * patch
+        self.stem = nn.Conv2d(stem_in, channels[0], 3, padding=1)
         self.down, self.down_attn, self.downsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         prev = channels[0]
         for i, ch in enumerate(channels):
@@ -459,12 +469,14 @@ class UNet(nn.Module):
             emb = emb + self.class_embed(y)
         return emb
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, x_self_cond: Tensor | None = None) -> Tensor:
         """
         Arguments:
             x: noisy images ``(B, C, H, W)``.
             t: timesteps ``(B,)``.
             y: class labels ``(B,)`` in ``[0, K]`` (``K`` = null); ``None`` = unconditional.
+            x_self_cond: a previous estimate of x_0, like ``x`` (only with ``self_condition``);
+                ``None`` = zeros (no estimate yet).
 
         Returns:
             predicted noise ``(B, C, H, W)``.
@@ -477,8 +489,17 @@ class UNet(nn.Module):
             raise ValueError(f"t must be a ({x.shape[0]},) tensor of timesteps")
         if y is not None and (y.shape != (x.shape[0],) or y.min() < 0 or y.max() > self.num_classes):
             raise ValueError(f"y must be a ({x.shape[0]},) tensor of labels in [0, {self.num_classes}]")
+        h = x
+        if self.self_condition:
+            if x_self_cond is None:
+                x_self_cond = torch.zeros_like(x)
+            elif x_self_cond.shape != x.shape:
+                raise ValueError(f"x_self_cond must have x's shape {tuple(x.shape)}, got {tuple(x_self_cond.shape)}")
+            h = torch.cat([x, x_self_cond.to(x)], dim=1)  # (B, 2C, H, W)
+        elif x_self_cond is not None:
+            raise ValueError("x_self_cond was given but the UNet was built with self_condition=False")
         emb = self.embed(t, y)  # (B, E)
-        h = self.stem(F.pixel_unshuffle(x, self.patch) if self.patch > 1 else x)  # (B, c0, H/p, W/p)
+        h = self.stem(F.pixel_unshuffle(h, self.patch) if self.patch > 1 else h)  # (B, c0, H/p, W/p)
         skips = []
         for block, attn, down in zip(self.down, self.down_attn, self.downsample):
             h = attn(block(h, emb))
@@ -536,15 +557,42 @@ def min_snr_weight(alphas_cumprod: Tensor, t: Tensor, gamma: float) -> Tensor:
     return (gamma / snr).clamp(max=1.0)  # = min(SNR, gamma) / SNR, and 1 where SNR = 0
 
 
-def _guided_eps(model: nn.Module, x: Tensor, t: Tensor, y: Tensor | None, scale: float) -> Tensor:
-    """eps for one sampling step: conditional, unconditional, or guided (one batched forward)."""
+def sample_timesteps(
+    batch_size: int, num_steps: int, method: str = "uniform", generator: torch.Generator | None = None
+) -> Tensor:
+    """Training timesteps ``(B,)`` in ``[0, num_steps)``: ``"uniform"`` (DDPM Algorithm 1) or
+    ``"logit_normal"`` (SD3's sec. 3.1: t / T = sigmoid(n), n ~ N(0, 1)), which trains the middle
+    noise levels more often and the two ends (almost clean, almost pure noise) less."""
+    if method not in T_SAMPLING:
+        raise ValueError(f"t_sampling must be one of {T_SAMPLING}, got {method!r}")
+    if method == "uniform":
+        return torch.randint(0, num_steps, (batch_size,), generator=generator)
+    u = torch.sigmoid(torch.randn(batch_size, generator=generator))
+    return (u * num_steps).long().clamp(max=num_steps - 1)
+
+
+def _guided_eps(
+    model: nn.Module, x: Tensor, t: Tensor, y: Tensor | None, scale: float, x_self_cond: Tensor | None = None
+) -> Tensor:
+    """eps for one sampling step: conditional, unconditional, or guided (one batched forward).
+    ``x_self_cond``: the previous step's x_0 estimate, for a self-conditioned model."""
+    sc = {} if x_self_cond is None else {"x_self_cond": x_self_cond}
     if y is None:
-        return model(x, t, None)
+        return model(x, t, None, **sc)
     if scale == 1.0:
-        return model(x, t, y)
+        return model(x, t, y, **sc)
     null = torch.full_like(y, model.num_classes)
-    eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+    sc2 = {} if x_self_cond is None else {"x_self_cond": torch.cat([x_self_cond, x_self_cond])}
+    eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **sc2).chunk(2)
     return cfg_mix(eps_cond, eps_uncond, scale)
+
+
+def _next_self_cond(model: nn.Module, eps: Tensor, x_t: Tensor, abar_t: Tensor, clip: float | None) -> Tensor | None:
+    """The x_0 estimate a self-conditioned model sees at the next step (``None`` for other models)."""
+    if not getattr(model, "self_condition", False):
+        return None
+    x0 = predict_x0(eps, x_t, abar_t.to(x_t))
+    return x0 if clip is None else x0.clamp(-clip, clip)
 
 
 @torch.no_grad()
@@ -562,7 +610,8 @@ def sample_ancestral(
     """DDPM Algorithm 2: start from N(0, I) and apply :meth:`NoiseSchedule.step` for t = T-1..0.
 
     Arguments:
-        model: eps_theta(x, t, y).
+        model: eps_theta(x, t, y); a model with ``self_condition = True`` also gets the previous
+            step's x_0 estimate (``x_self_cond``, clamped like the sampler's x_0).
         shape: ``(B, C, H, W)``.
         y: labels ``(B,)`` or ``None`` (unconditional).
         guidance_scale: classifier-free guidance scale (1 = plain conditional).
@@ -574,9 +623,11 @@ def sample_ancestral(
     device = next(model.parameters()).device
     x = torch.randn(shape, generator=generator).to(device)
     traj = [x.cpu()]
+    x0_est = None  # the previous step's x_0 estimate (self-conditioned models)
     for t in reversed(range(schedule.num_steps)):
         tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-        eps = _guided_eps(model, x, tt, y, guidance_scale)
+        eps = _guided_eps(model, x, tt, y, guidance_scale, x0_est)
+        x0_est = _next_self_cond(model, eps, x, schedule.alphas_cumprod[t], clip_sample)
         noise = torch.randn(shape, generator=generator).to(device) if t > 0 else None
         x = schedule.step(eps, t, x, noise, clip_sample=clip_sample)
         if return_trajectory and (t % trajectory_every == 0):
@@ -601,10 +652,12 @@ def sample_ddim(
     device = next(model.parameters()).device
     x = torch.randn(shape, generator=generator).to(device)
     ts = schedule.ddim_timesteps(num_steps)
+    x0_est = None
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-        eps = _guided_eps(model, x, tt, y, guidance_scale)
+        eps = _guided_eps(model, x, tt, y, guidance_scale, x0_est)
+        x0_est = _next_self_cond(model, eps, x, schedule.alphas_cumprod[t], clip_sample)
         noise = torch.randn(shape, generator=generator).to(device) if eta > 0 else None
         x = schedule.ddim_step(eps, t, t_prev, x, eta=eta, noise=noise, clip_sample=clip_sample)
     return x
@@ -630,6 +683,8 @@ class DDPMConfig:
     schedule: str = "cosine"
     p_uncond: float = 0.1  # condition dropout
     min_snr_gamma: float | None = 1.0  # Min-SNR loss weighting (None: the plain simple loss)
+    t_sampling: str = "uniform"  # training timesteps: "uniform" or "logit_normal" (middle noise levels)
+    self_condition: bool = False  # the U-Net also sees its previous x_0 estimate (Analog Bits)
     lr: float = 2e-3
     weight_decay: float = 0.0
     batch_size: int = 64
@@ -694,6 +749,8 @@ class DDPM(L.LightningModule):
         schedule: str = "cosine",
         p_uncond: float = 0.1,
         min_snr_gamma: float | None = None,
+        t_sampling: str = "uniform",
+        self_condition: bool = False,
         lr: float = 2e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
@@ -702,11 +759,14 @@ class DDPM(L.LightningModule):
         clip_sample: float | None = 1.0,
     ) -> None:
         super().__init__()
+        if t_sampling not in T_SAMPLING:
+            raise ValueError(f"t_sampling must be one of {T_SAMPLING}, got {t_sampling!r}")
         self.save_hyperparameters()
         self.schedule = NoiseSchedule(num_steps, schedule)
         args = (in_channels, image_size, tuple(channels), num_classes, patch, tuple(attention), emb_dim)
-        self.model = UNet(*args, alphas_cumprod=self.schedule.alphas_cumprod)
-        self.ema = UNet(*args, alphas_cumprod=self.schedule.alphas_cumprod)
+        kw = dict(alphas_cumprod=self.schedule.alphas_cumprod, self_condition=self_condition)
+        self.model = UNet(*args, **kw)
+        self.ema = UNet(*args, **kw)
         self.ema.load_state_dict(self.model.state_dict())
         self.ema.requires_grad_(False)
 
@@ -720,7 +780,8 @@ class DDPM(L.LightningModule):
         return cls(
             in_channels=in_channels, image_size=image_size, num_classes=cfg.num_classes,
             attention=cfg.attention, emb_dim=cfg.emb_dim, num_steps=cfg.num_steps, schedule=cfg.schedule,
-            p_uncond=cfg.p_uncond, min_snr_gamma=cfg.min_snr_gamma, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            p_uncond=cfg.p_uncond, min_snr_gamma=cfg.min_snr_gamma, t_sampling=cfg.t_sampling,
+            self_condition=cfg.self_condition, lr=cfg.lr, weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_steps,
             max_steps=cfg.latent_max_steps if latent_shape is not None else cfg.max_steps,
             ema_decay=cfg.ema_decay, clip_sample=None if latent_shape is not None else cfg.clip_sample, **kw,
@@ -729,16 +790,32 @@ class DDPM(L.LightningModule):
     def _step(self, batch: dict, stage: str) -> Tensor:
         x0, y = batch["image"], batch["label"].long()
         B = x0.shape[0]
-        t = torch.randint(0, self.schedule.num_steps, (B,), device=x0.device)
+        t = sample_timesteps(B, self.schedule.num_steps, self.hparams.t_sampling).to(x0.device)
         eps = torch.randn_like(x0)
         x_t = self.schedule.add_noise(x0, eps, t)  # eq. 4
+        x_sc = None
         if stage == "train":
             y = drop_labels(y, self.hparams.p_uncond, self.hparams.num_classes)
+            if self.hparams.self_condition:
+                x_sc = self._self_cond_estimate(x_t, t, y)
         gamma = self.hparams.min_snr_gamma
         weight = None if gamma is None else min_snr_weight(self.schedule.alphas_cumprod, t, gamma)
-        loss = ddpm_loss(self.model(x_t, t, y), eps, weight)  # eq. 14 (Min-SNR weighted if gamma)
+        loss = ddpm_loss(self.model(x_t, t, y, x_sc), eps, weight)  # eq. 14 (Min-SNR weighted if gamma)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=B)
         return loss
+
+    @torch.no_grad()
+    def _self_cond_estimate(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """Analog Bits' training trick: for a random half of the batch, a first forward pass (no
+        gradient) gives an x_0 estimate that the real pass then sees; the other half sees zeros, as
+        the first sampling step does."""
+        x_sc = torch.zeros_like(x_t)
+        use = torch.rand(x_t.shape[0], device=x_t.device) < 0.5
+        if use.any():
+            eps = self.model(x_t[use], t[use], y[use])
+            abar = _gather(self.schedule.alphas_cumprod.to(x_t.device), t[use], x_t)
+            x_sc[use] = _next_self_cond(self.model, eps, x_t[use], abar, self.hparams.clip_sample)
+        return x_sc
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self._step(batch, "train")
