@@ -77,6 +77,12 @@ def _check_int(name: str, value, low: int | None = None, high: int | None = None
     return value
 
 
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
 def _check_positive(name: str, value, none_ok: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"{name} must be a positive number{' or None' if none_ok else ''}, got {value!r}")
@@ -214,8 +220,7 @@ class NoiseSchedule:
     ) -> None:
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
             raise ValueError(f"num_steps must be an int >= 2, got {num_steps!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
+        _check_choice("schedule", schedule, SCHEDULES)
         if not 0 < beta_start < beta_end < 1:
             raise ValueError(f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
         self.num_steps = num_steps
@@ -563,9 +568,7 @@ def sample_timesteps(
     """Training timesteps ``(B,)`` in ``[0, num_steps)``: ``"uniform"`` (DDPM Algorithm 1) or
     ``"logit_normal"`` (SD3's sec. 3.1: t / T = sigmoid(n), n ~ N(0, 1)), which trains the middle
     noise levels more often and the two ends (almost clean, almost pure noise) less."""
-    if method not in T_SAMPLING:
-        raise ValueError(f"t_sampling must be one of {T_SAMPLING}, got {method!r}")
-    if method == "uniform":
+    if _check_choice("t_sampling", method, T_SAMPLING) == "uniform":
         return torch.randint(0, num_steps, (batch_size,), generator=generator)
     u = torch.sigmoid(torch.randn(batch_size, generator=generator))
     return (u * num_steps).long().clamp(max=num_steps - 1)
@@ -759,8 +762,7 @@ class DDPM(L.LightningModule):
         clip_sample: float | None = 1.0,
     ) -> None:
         super().__init__()
-        if t_sampling not in T_SAMPLING:
-            raise ValueError(f"t_sampling must be one of {T_SAMPLING}, got {t_sampling!r}")
+        _check_choice("t_sampling", t_sampling, T_SAMPLING)
         self.save_hyperparameters()
         self.schedule = NoiseSchedule(num_steps, schedule)
         args = (in_channels, image_size, tuple(channels), num_classes, patch, tuple(attention), emb_dim)
