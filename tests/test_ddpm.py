@@ -475,6 +475,47 @@ def test_sample_timesteps():
         ddpm.DDPM(t_sampling="lognormal")
 
 
+def test_split_timesteps():
+    """"split": low_fraction of the batch uniform below split_t, the rest logit-normal above it."""
+    g = torch.Generator().manual_seed(0)
+    t = ddpm.sample_timesteps(20000, 1000, "split", generator=g, split_t=300, low_fraction=0.5)
+    low, high = t[:10000].float(), t[10000:].float()
+    assert low.min() == 0 and low.max() == 299 and high.min() >= 300 and high.max() <= 999
+    assert low.mean().item() == pytest.approx(149.5, abs=3)  # uniform on [0, 300)
+    # truncated logit-normal: P(t < 500 | t >= 300) = (1/2 - Phi(logit 0.3)) / (1 - Phi(logit 0.3)) = 0.376
+    assert (high < 500).float().mean().item() == pytest.approx(0.376, abs=0.015)
+    for frac, n_low in ((0.3, 3), (0.0, 0), (1.0, 10)):
+        assert (ddpm.sample_timesteps(10, 1000, "split", low_fraction=frac) < 300).sum().item() == n_low
+    a = ddpm.sample_timesteps(64, 1000, "split", generator=torch.Generator().manual_seed(3), split_t=400)
+    b = ddpm.sample_timesteps(64, 1000, "split", generator=torch.Generator().manual_seed(3), split_t=400)
+    assert torch.equal(a, b) and (a[:32] < 400).all() and (a[32:] >= 400).all()
+    for bad in (dict(split_t=0), dict(split_t=1000), dict(low_fraction=1.5), dict(low_fraction=True)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ddpm.sample_timesteps(4, 1000, "split", **bad)
+    with pytest.raises(ValueError, match="low_fraction"):
+        ddpm.DDPM(t_sampling="split", t_low_fraction=-0.1)
+    with pytest.raises(ValueError, match="split_t"):
+        ddpm.DDPM(t_sampling="split", t_split=1000)
+
+
+def test_training_step_draws_split_timesteps():
+    """The module trains on the timesteps of sample_timesteps("split", its t_split, its t_low_fraction)."""
+    cfg = dataclasses.replace(ddpm.DDPMConfig.preset("ci"), p_uncond=0.0, min_snr_gamma=None, self_condition=False,
+                              t_sampling="split", t_split=200, t_low_fraction=0.25)  # fmt: skip
+    model = ddpm.DDPM.from_config(cfg)
+    model.log = lambda *a, **k: None
+    x, y = ddpm.shapes_tensors(8, seed=0)
+    torch.manual_seed(0)
+    loss = model._step({"image": x, "label": y}, "train").item()
+    torch.manual_seed(0)
+    t = ddpm.sample_timesteps(8, 1000, "split", split_t=200, low_fraction=0.25)
+    assert (t[:2] < 200).all() and (t[2:] >= 200).all()
+    eps = torch.randn_like(x)
+    with torch.no_grad():
+        want = ddpm.ddpm_loss(model.model(model.schedule.add_noise(x, eps, t), t, y), eps).item()
+    assert loss == pytest.approx(want, rel=1e-5)
+
+
 def test_unet_self_condition():
     torch.manual_seed(0)
     net = _tiny_unet(self_condition=True)

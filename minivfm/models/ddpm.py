@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 SCHEDULES = ("linear", "cosine")
-T_SAMPLING = ("uniform", "logit_normal")
+T_SAMPLING = ("uniform", "logit_normal", "split")
 
 # --------------------------------------------------------------------------------------------------
 # 1. The noise schedule (no network inside)
@@ -563,15 +563,39 @@ def min_snr_weight(alphas_cumprod: Tensor, t: Tensor, gamma: float) -> Tensor:
 
 
 def sample_timesteps(
-    batch_size: int, num_steps: int, method: str = "uniform", generator: torch.Generator | None = None
+    batch_size: int,
+    num_steps: int,
+    method: str = "uniform",
+    generator: torch.Generator | None = None,
+    split_t: int = 300,
+    low_fraction: float = 0.5,
 ) -> Tensor:
-    """Training timesteps ``(B,)`` in ``[0, num_steps)``: ``"uniform"`` (DDPM Algorithm 1) or
-    ``"logit_normal"`` (SD3's sec. 3.1: t / T = sigmoid(n), n ~ N(0, 1)), which trains the middle
-    noise levels more often and the two ends (almost clean, almost pure noise) less."""
-    if _check_choice("t_sampling", method, T_SAMPLING) == "uniform":
+    """Training timesteps ``(B,)`` in ``[0, num_steps)``.
+
+    - ``"uniform"``: DDPM Algorithm 1.
+    - ``"logit_normal"``: SD3's sec. 3.1, t / T = sigmoid(n) with n ~ N(0, 1); trains the middle noise
+      levels more often and the two ends (almost clean, almost pure noise) less.
+    - ``"split"``: two halves with two jobs. A fraction ``low_fraction`` of the batch is uniform in
+      ``[0, split_t)``, the low-noise end where a denoiser keeps or loses fine geometry (the corners of a
+      square); the rest is logit-normal truncated to ``[split_t, num_steps)``, where layout and class are
+      decided. Returned in that order (low part first).
+    """
+    method = _check_choice("t_sampling", method, T_SAMPLING)
+    if method == "uniform":
         return torch.randint(0, num_steps, (batch_size,), generator=generator)
-    u = torch.sigmoid(torch.randn(batch_size, generator=generator))
-    return (u * num_steps).long().clamp(max=num_steps - 1)
+    if method == "logit_normal":
+        u = torch.sigmoid(torch.randn(batch_size, generator=generator))
+        return (u * num_steps).long().clamp(max=num_steps - 1)
+    split_t = _check_int("split_t", split_t, 1, num_steps - 1)
+    if isinstance(low_fraction, bool) or not isinstance(low_fraction, (int, float)) or not 0 <= low_fraction <= 1:
+        raise ValueError(f"low_fraction must be a number in [0, 1], got {low_fraction!r}")
+    n_low = round(low_fraction * batch_size)
+    low = torch.randint(0, split_t, (n_low,), generator=generator)
+    # n ~ N(0, 1) conditioned on sigmoid(n) >= split_t / T, drawn by the inverse CDF (no rejection loop)
+    p_min = torch.special.ndtr(torch.logit(torch.tensor(split_t / num_steps, dtype=torch.float64)))
+    u = p_min + (1 - p_min) * torch.rand(batch_size - n_low, generator=generator, dtype=torch.float64)
+    high = (torch.sigmoid(torch.special.ndtri(u)) * num_steps).long().clamp(split_t, num_steps - 1)
+    return torch.cat([low, high])
 
 
 def _guided_eps(
@@ -686,7 +710,9 @@ class DDPMConfig:
     schedule: str = "cosine"
     p_uncond: float = 0.1  # condition dropout
     min_snr_gamma: float | None = 1.0  # Min-SNR loss weighting (None: the plain simple loss)
-    t_sampling: str = "uniform"  # training timesteps: "uniform" or "logit_normal" (middle noise levels)
+    t_sampling: str = "uniform"  # training timesteps: "uniform", "logit_normal" or "split" (see sample_timesteps)
+    t_split: int = 300  # "split": the boundary between the low-noise part and the logit-normal part
+    t_low_fraction: float = 0.5  # "split": the fraction of each batch below t_split
     self_condition: bool = False  # the U-Net also sees its previous x_0 estimate (Analog Bits)
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -753,6 +779,8 @@ class DDPM(L.LightningModule):
         p_uncond: float = 0.1,
         min_snr_gamma: float | None = None,
         t_sampling: str = "uniform",
+        t_split: int = 300,
+        t_low_fraction: float = 0.5,
         self_condition: bool = False,
         lr: float = 2e-3,
         weight_decay: float = 0.0,
@@ -762,7 +790,8 @@ class DDPM(L.LightningModule):
         clip_sample: float | None = 1.0,
     ) -> None:
         super().__init__()
-        _check_choice("t_sampling", t_sampling, T_SAMPLING)
+        # check the timestep options now (a private generator: the global RNG stream is left alone)
+        sample_timesteps(2, num_steps, t_sampling, torch.Generator(), split_t=t_split, low_fraction=t_low_fraction)
         self.save_hyperparameters()
         self.schedule = NoiseSchedule(num_steps, schedule)
         args = (in_channels, image_size, tuple(channels), num_classes, patch, tuple(attention), emb_dim)
@@ -783,7 +812,8 @@ class DDPM(L.LightningModule):
             in_channels=in_channels, image_size=image_size, num_classes=cfg.num_classes,
             attention=cfg.attention, emb_dim=cfg.emb_dim, num_steps=cfg.num_steps, schedule=cfg.schedule,
             p_uncond=cfg.p_uncond, min_snr_gamma=cfg.min_snr_gamma, t_sampling=cfg.t_sampling,
-            self_condition=cfg.self_condition, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            t_split=cfg.t_split, t_low_fraction=cfg.t_low_fraction, self_condition=cfg.self_condition,
+            lr=cfg.lr, weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_steps,
             max_steps=cfg.latent_max_steps if latent_shape is not None else cfg.max_steps,
             ema_decay=cfg.ema_decay, clip_sample=None if latent_shape is not None else cfg.clip_sample, **kw,
@@ -792,7 +822,9 @@ class DDPM(L.LightningModule):
     def _step(self, batch: dict, stage: str) -> Tensor:
         x0, y = batch["image"], batch["label"].long()
         B = x0.shape[0]
-        t = sample_timesteps(B, self.schedule.num_steps, self.hparams.t_sampling).to(x0.device)
+        hp = self.hparams
+        t = sample_timesteps(B, hp.num_steps, hp.t_sampling, split_t=hp.t_split, low_fraction=hp.t_low_fraction)
+        t = t.to(x0.device)
         eps = torch.randn_like(x0)
         x_t = self.schedule.add_noise(x0, eps, t)  # eq. 4
         x_sc = None
