@@ -148,6 +148,54 @@ def test_clip_sample_matches_diffusers(schedule):
         _close(ours.ddim_step(eps, t, t - 20, x_t, clip_sample=1.0), ref_ddim.step(eps, t, x_t).prev_sample)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_dynamic_thresholding_matches_diffusers(schedule):
+    """threshold=r is diffusers' thresholding=True with dynamic_thresholding_ratio=r (our s has no upper
+    bound: diffusers' sample_max_value is set out of reach); use_clipped_model_output as diffusers'."""
+    kw = dict(beta_schedule=DIFFUSERS_SCHEDULE[schedule], thresholding=True, dynamic_thresholding_ratio=0.99,
+              sample_max_value=1e9)  # fmt: skip
+    ref = diffusers.DDPMScheduler(**kw)
+    ref_ddim = diffusers.DDIMScheduler(**kw)
+    ref_ddim.set_timesteps(50)
+    ours = NoiseSchedule(1000, schedule)
+    g = torch.Generator().manual_seed(11)
+    for t in (999, 600, 100, 0):
+        x_t, eps = torch.randn(2, 3, 8, 8, generator=g) * 3, torch.randn(2, 3, 8, 8, generator=g) * 3
+        expected = ref.step(eps, t, x_t, generator=torch.Generator().manual_seed(1)).prev_sample
+        noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1))
+        _close(ours.step(eps, t, x_t, noise, threshold=0.99), expected)
+    for t in (980, 500, 20):
+        x_t, eps = torch.randn(2, 3, 8, 8, generator=g) * 3, torch.randn(2, 3, 8, 8, generator=g) * 3
+        for clipped in (False, True):
+            expected = ref_ddim.step(eps, t, x_t, use_clipped_model_output=clipped).prev_sample
+            _close(ours.ddim_step(eps, t, t - 20, x_t, threshold=0.99, use_clipped_model_output=clipped), expected)
+    x0 = torch.randn(4, 3, 8, 8, generator=g) * torch.tensor([0.5, 1.5, 3.0, 6.0]).reshape(-1, 1, 1, 1)
+    capped = diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)
+    _close(ddpm.dynamic_threshold(x0, 0.9, max_value=2.5), capped._threshold_sample(x0))
+
+
+def test_dynamic_threshold_properties():
+    g = torch.Generator().manual_seed(0)
+    inside = torch.rand(2, 3, 8, 8, generator=g) * 1.8 - 0.9
+    assert torch.equal(ddpm.dynamic_threshold(inside, 0.99), inside)  # s = 1: in-range samples are untouched
+    x0 = torch.randn(3, 3, 8, 8, generator=g) * torch.tensor([1.0, 4.0, 10.0]).reshape(-1, 1, 1, 1)
+    out = ddpm.dynamic_threshold(x0, 0.95)
+    assert out.abs().max() <= 1.0
+    for i in range(3):  # each sample on its own: the same as thresholding it alone
+        assert torch.equal(out[i : i + 1], ddpm.dynamic_threshold(x0[i : i + 1], 0.95))
+    big = x0[2].abs().flatten()
+    s = big.quantile(0.95)
+    assert torch.allclose(out[2], x0[2].clamp(-s, s) / s)  # pixels below the quantile keep their ratios
+    assert (ddpm.dynamic_threshold(x0, 1.0).abs().amax((1, 2, 3)) == 1).all()  # ratio 1: scale by the max
+    for bad in (0.0, 1.5, True, "0.9"):
+        with pytest.raises(ValueError, match="threshold"):
+            NoiseSchedule().step(torch.zeros(1, 2), 5, torch.zeros(1, 2), threshold=bad)
+        with pytest.raises(ValueError, match="threshold"):
+            NoiseSchedule().ddim_step(torch.zeros(1, 2), 5, 1, torch.zeros(1, 2), threshold=bad)
+    with pytest.raises(ValueError, match="threshold"):
+        ddpm.DDPM(threshold=2.0)
+
+
 # -- properties ----------------------------------------------------------------------------------------
 
 
@@ -575,10 +623,44 @@ def test_samplers_feed_the_previous_x0_estimate(sampler):
             _close(net.seen[i + 1][:2], want, atol=1e-5)  # guided: cond and null halves get the same
             _close(net.seen[i + 1][2:], want, atol=1e-5)
         if sampler == "ddim":
-            x = s.ddim_step(eps, t, ts[i + 1] if i + 1 < len(ts) else -1, x, clip_sample=1.0)
+            x = s.ddim_step(eps, t, ts[i + 1] if i + 1 < len(ts) else -1, x, clip_sample=1.0,
+                            use_clipped_model_output=True)  # fmt: skip
         else:
             noise = torch.randn(shape, generator=g) if t > 0 else None
             x = s.step(eps, t, x, noise, clip_sample=1.0)
+
+
+class _Loud(torch.nn.Module):
+    """A stand-in eps-model whose guided predictions push x_0 far outside [-1, 1]."""
+
+    num_classes = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, t, y=None):
+        return -2.0 * x + 0.3 * (y if y is not None else torch.zeros_like(t)).reshape(-1, 1, 1, 1).float()
+
+
+@pytest.mark.parametrize("limits", [dict(clip_sample=1.0), dict(clip_sample=1.0, threshold=0.9)])
+def test_ddim_sampler_rederives_eps_from_the_limited_x0(limits):
+    """When x_0 is clipped or thresholded, sample_ddim pairs it with the eps that x_0 implies."""
+    s, y, shape = NoiseSchedule(100), torch.tensor([1, 3]), (2, 3, 4, 4)
+    got = ddpm.sample_ddim(_Loud(), s, shape, y, 4.0, num_steps=10, generator=torch.Generator().manual_seed(0),
+                           **limits)  # fmt: skip
+    replays = {}
+    for rederive in (True, False):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        ts = s.ddim_timesteps(10)
+        for i, t in enumerate(ts):
+            eps = ddpm.cfg_mix(_Loud()(x, None, y), _Loud()(x, None, torch.full_like(y, 4)), 4.0)
+            x = s.ddim_step(eps, t, ts[i + 1] if i + 1 < len(ts) else -1, x, use_clipped_model_output=rederive,
+                            **limits)  # fmt: skip
+        replays[rederive] = x
+    _close(got, replays[True])
+    assert (got - replays[False]).abs().max() > 0.1  # the rule matters here: x_0 was limited
+    assert got.abs().max() <= 1.0 + 1e-5
 
 
 def test_config_presets_build():

@@ -41,6 +41,7 @@ __all__ = [
     "predict_x0",
     "posterior_mean_x0",
     "ddim_update",
+    "dynamic_threshold",
     "cfg_mix",
     "UNet",
     "ddpm_loss",
@@ -157,6 +158,40 @@ def posterior_mean_x0(x0: Tensor, x_t: Tensor, t: int, alphas_cumprod: Tensor) -
     return coef_x0.to(x0) * x0 + coef_xt.to(x_t) * x_t
 
 
+def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float | None = None) -> Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): for each sample, s is the ``ratio``
+    quantile of |x_0| (at least 1, at most ``max_value``); x_0 is clamped to [-s, s] and divided by s.
+
+    Large guidance scales push the predicted x_0 far outside [-1, 1]. Plain clipping then saturates
+    whole regions, which the next steps cannot undo; dynamic thresholding pulls every pixel back in
+    proportion. Equals diffusers' ``thresholding=True`` (``dynamic_thresholding_ratio=ratio``,
+    ``sample_max_value=max_value``; ``None`` means no upper bound, as in Imagen).
+
+    Arguments:
+        x0: predicted clean data ``(B, ...)``.
+        ratio: the quantile, in (0, 1].
+        max_value: the largest s, or ``None``.
+    """
+    B = x0.shape[0]
+    flat = x0.reshape(B, -1).float()  # quantile needs float32 or float64
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value)[:, None]  # (B, 1)
+    return (flat.clamp(-s, s) / s).reshape(x0.shape).to(x0.dtype)
+
+
+def _limit_x0(x0: Tensor, clip_sample: float | None, threshold: float | None) -> Tensor:
+    """The predicted x_0 after dynamic thresholding (``threshold``, a quantile) or clipping to
+    ``[-clip_sample, clip_sample]``; thresholding wins when both are given, as in diffusers."""
+    if threshold is not None:
+        return dynamic_threshold(x0, threshold)
+    return x0 if clip_sample is None else x0.clamp(-clip_sample, clip_sample)
+
+
+def _check_ratio(name: str, value) -> float | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
+        raise ValueError(f"{name} must be a quantile in (0, 1] or None, got {value!r}")
+    return value
+
+
 def ddim_update(
     eps: Tensor,
     x_t: Tensor,
@@ -166,6 +201,8 @@ def ddim_update(
     eta: float = 0.0,
     noise: Tensor | None = None,
     clip_sample: float | None = None,
+    threshold: float | None = None,
+    use_clipped_model_output: bool = False,
 ) -> Tensor:
     """One DDIM step from t to t_prev, Song et al. eq. 12::
 
@@ -175,14 +212,17 @@ def ddim_update(
 
     where a = alpha-bar, and ``t_prev < 0`` means the final step to x_0 (a_prev = 1).
     ``eta = 0`` is deterministic (DDIM); ``eta = 1`` is DDPM-like. ``clip_sample`` clamps the
-    predicted x_0 to ``[-clip_sample, clip_sample]`` (diffusers' ``clip_sample``; eps is kept as predicted).
+    predicted x_0 to ``[-clip_sample, clip_sample]`` (diffusers' ``clip_sample``); ``threshold`` applies
+    :func:`dynamic_threshold` instead. eps is kept as predicted unless ``use_clipped_model_output``
+    re-derives it from the limited x_0 (GLIDE's rule and diffusers' argument of the same name), which keeps
+    the step consistent when guidance pushes x_0 far out of range.
     """
     one = torch.ones((), dtype=alphas_cumprod.dtype)
     a_t = alphas_cumprod[t]
     a_prev = alphas_cumprod[t_prev] if t_prev >= 0 else one
-    x0 = predict_x0(eps, x_t, a_t.to(x_t))
-    if clip_sample is not None:
-        x0 = x0.clamp(-clip_sample, clip_sample)
+    x0 = _limit_x0(predict_x0(eps, x_t, a_t.to(x_t)), clip_sample, threshold)
+    if use_clipped_model_output:
+        eps = (x_t - a_t.to(x_t) ** 0.5 * x0) / (1 - a_t.to(x_t)) ** 0.5
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
     out = a_prev.to(x_t) ** 0.5 * x0 + ((1 - a_prev - sigma**2) ** 0.5).to(x_t) * eps
     if eta > 0:
@@ -270,7 +310,14 @@ class NoiseSchedule:
         return torch.clamp((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev), min=1e-20)
 
     def step(
-        self, eps: Tensor, t: int, x_t: Tensor, noise: Tensor | None = None, *, clip_sample: float | None = None
+        self,
+        eps: Tensor,
+        t: int,
+        x_t: Tensor,
+        noise: Tensor | None = None,
+        *,
+        clip_sample: float | None = None,
+        threshold: float | None = None,
     ) -> Tensor:
         """One ancestral step x_t -> x_{t-1} (DDPM Algorithm 2), written in x0 form.
 
@@ -284,12 +331,14 @@ class NoiseSchedule:
             noise: standard normal noise like ``x_t``; zeros (or ``None``) give the posterior mean.
             clip_sample: clamp the predicted x_0 to ``[-clip_sample, clip_sample]`` before the posterior
                 mean (DDPM's sampler and diffusers' ``clip_sample=True``); ``None`` (the default) does not clip.
+            threshold: apply :func:`dynamic_threshold` with this quantile instead (diffusers' ``thresholding``).
         """
         t = self._check_t("t", t)
         self._check_like("eps", eps, x_t, "x_t")
-        x0 = predict_x0(eps, x_t, self.alphas_cumprod[t].to(x_t))
         if clip_sample is not None:
-            x0 = x0.clamp(-_check_positive("clip_sample", clip_sample, none_ok=True), clip_sample)
+            _check_positive("clip_sample", clip_sample, none_ok=True)
+        x0 = predict_x0(eps, x_t, self.alphas_cumprod[t].to(x_t))
+        x0 = _limit_x0(x0, clip_sample, _check_ratio("threshold", threshold))
         mean = posterior_mean_x0(x0, x_t, t, self.alphas_cumprod)
         if noise is None or t == 0:
             return mean
@@ -306,11 +355,14 @@ class NoiseSchedule:
         noise: Tensor | None = None,
         *,
         clip_sample: float | None = None,
+        threshold: float | None = None,
+        use_clipped_model_output: bool = False,
     ) -> Tensor:
         """One DDIM step x_t -> x_{t_prev} (Song et al. eq. 12); ``t_prev < 0`` goes to x_0 (alpha-bar 1).
 
         ``eta > 0`` adds sigma(eta) * ``noise`` (eq. 16); ``noise`` is then required.
-        ``clip_sample`` clamps the predicted x_0 as in :meth:`step`.
+        ``clip_sample`` and ``threshold`` limit the predicted x_0 as in :meth:`step`;
+        ``use_clipped_model_output`` re-derives eps from it (see :func:`ddim_update`).
         """
         t = self._check_t("t", t)
         t_prev = _check_int("t_prev", t_prev)
@@ -324,8 +376,9 @@ class NoiseSchedule:
         if clip_sample is not None:
             _check_positive("clip_sample", clip_sample, none_ok=True)
         return ddim_update(
-            eps, x_t, t, t_prev, self.alphas_cumprod, eta=float(eta), noise=noise, clip_sample=clip_sample
-        )
+            eps, x_t, t, t_prev, self.alphas_cumprod, eta=float(eta), noise=noise, clip_sample=clip_sample,
+            threshold=_check_ratio("threshold", threshold), use_clipped_model_output=use_clipped_model_output,
+        )  # fmt: skip
 
     def ddim_timesteps(self, num_inference_steps: int) -> list[int]:
         """Evenly spaced timesteps, high to low, as diffusers' "leading" spacing: ``[.., 2k, k, 0]``."""
@@ -614,12 +667,13 @@ def _guided_eps(
     return cfg_mix(eps_cond, eps_uncond, scale)
 
 
-def _next_self_cond(model: nn.Module, eps: Tensor, x_t: Tensor, abar_t: Tensor, clip: float | None) -> Tensor | None:
+def _next_self_cond(
+    model: nn.Module, eps: Tensor, x_t: Tensor, abar_t: Tensor, clip: float | None, threshold: float | None = None
+) -> Tensor | None:
     """The x_0 estimate a self-conditioned model sees at the next step (``None`` for other models)."""
     if not getattr(model, "self_condition", False):
         return None
-    x0 = predict_x0(eps, x_t, abar_t.to(x_t))
-    return x0 if clip is None else x0.clamp(-clip, clip)
+    return _limit_x0(predict_x0(eps, x_t, abar_t.to(x_t)), clip, threshold)
 
 
 @torch.no_grad()
@@ -633,6 +687,7 @@ def sample_ancestral(
     return_trajectory: bool = False,
     trajectory_every: int = 100,
     clip_sample: float | None = 1.0,
+    threshold: float | None = None,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """DDPM Algorithm 2: start from N(0, I) and apply :meth:`NoiseSchedule.step` for t = T-1..0.
 
@@ -646,6 +701,8 @@ def sample_ancestral(
         return_trajectory: also return x_t every ``trajectory_every`` steps (and x_0), for pictures.
         clip_sample: clamp each predicted x_0 to this range (DDPM's sampler does, for data in [-1, 1]);
             ``None`` for no clipping (latents).
+        threshold: :func:`dynamic_threshold` each predicted x_0 at this quantile instead of clipping it
+            (Imagen's remedy for large guidance scales); ``None``: clip.
     """
     device = next(model.parameters()).device
     x = torch.randn(shape, generator=generator).to(device)
@@ -654,9 +711,9 @@ def sample_ancestral(
     for t in reversed(range(schedule.num_steps)):
         tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
         eps = _guided_eps(model, x, tt, y, guidance_scale, x0_est)
-        x0_est = _next_self_cond(model, eps, x, schedule.alphas_cumprod[t], clip_sample)
+        x0_est = _next_self_cond(model, eps, x, schedule.alphas_cumprod[t], clip_sample, threshold)
         noise = torch.randn(shape, generator=generator).to(device) if t > 0 else None
-        x = schedule.step(eps, t, x, noise, clip_sample=clip_sample)
+        x = schedule.step(eps, t, x, noise, clip_sample=clip_sample, threshold=threshold)
         if return_trajectory and (t % trajectory_every == 0):
             traj.append(x.cpu())
     return (x, traj) if return_trajectory else x
@@ -673,20 +730,25 @@ def sample_ddim(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     clip_sample: float | None = 1.0,
+    threshold: float | None = None,
 ) -> Tensor:
     """DDIM sampling (Song et al. eq. 12) on ``num_steps`` evenly spaced timesteps; eta = 0 is deterministic.
-    ``clip_sample`` as in :func:`sample_ancestral`."""
+    ``clip_sample`` and ``threshold`` as in :func:`sample_ancestral`; when either limits x_0, each step
+    re-derives eps from the limited x_0 (``use_clipped_model_output``): a strongly guided eps that
+    disagrees with the x_0 it is paired with sends the sample out of range."""
     device = next(model.parameters()).device
     x = torch.randn(shape, generator=generator).to(device)
     ts = schedule.ddim_timesteps(num_steps)
+    limited = clip_sample is not None or threshold is not None
     x0_est = None
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
         eps = _guided_eps(model, x, tt, y, guidance_scale, x0_est)
-        x0_est = _next_self_cond(model, eps, x, schedule.alphas_cumprod[t], clip_sample)
+        x0_est = _next_self_cond(model, eps, x, schedule.alphas_cumprod[t], clip_sample, threshold)
         noise = torch.randn(shape, generator=generator).to(device) if eta > 0 else None
-        x = schedule.ddim_step(eps, t, t_prev, x, eta=eta, noise=noise, clip_sample=clip_sample)
+        x = schedule.ddim_step(eps, t, t_prev, x, eta=eta, noise=noise, clip_sample=clip_sample, threshold=threshold,
+                               use_clipped_model_output=limited)  # fmt: skip
     return x
 
 
@@ -723,6 +785,7 @@ class DDPMConfig:
     num_train: int = 8192  # Shapes training images (seed 0)
     guidance_scale: float = 3.0  # classifier-free guidance used for the reported samples
     clip_sample: float | None = 1.0  # clamp predicted x0 while sampling pixels (latents: never)
+    threshold: float | None = None  # dynamic thresholding quantile instead of clipping (pixels only)
     num_samples: int = 256  # images for the 1000-step sample_fd (and the 50-step DDIM one)
     ddim_steps: int = 50
     # latent diffusion: the same DDPM on the VAE's latents
@@ -760,7 +823,8 @@ class DDPM(L.LightningModule):
     """Trains a :class:`UNet` with the simple loss (DDPM Algorithm 1) plus condition dropout;
     ``min_snr_gamma`` weights it per sample with :func:`min_snr_weight` (``None``: unweighted).
 
-    Keeps an exponential moving average of the weights (``ema``, used for sampling).
+    Keeps an exponential moving average of the weights (``ema``, used for sampling). Sampling limits each
+    predicted x_0 by ``clip_sample`` or, if set, by dynamic thresholding at the quantile ``threshold``.
     ``batch`` is a dict with ``image`` ``(B, C, H, W)`` and ``label`` ``(B,)``; for latent
     diffusion pass latents as ``image`` (and ``in_channels``/``image_size`` of the latents).
     """
@@ -788,8 +852,10 @@ class DDPM(L.LightningModule):
         max_steps: int = 600,
         ema_decay: float = 0.995,
         clip_sample: float | None = 1.0,
+        threshold: float | None = None,
     ) -> None:
         super().__init__()
+        _check_ratio("threshold", threshold)
         # check the timestep options now (a private generator: the global RNG stream is left alone)
         sample_timesteps(2, num_steps, t_sampling, torch.Generator(), split_t=t_split, low_fraction=t_low_fraction)
         self.save_hyperparameters()
@@ -816,7 +882,8 @@ class DDPM(L.LightningModule):
             lr=cfg.lr, weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_steps,
             max_steps=cfg.latent_max_steps if latent_shape is not None else cfg.max_steps,
-            ema_decay=cfg.ema_decay, clip_sample=None if latent_shape is not None else cfg.clip_sample, **kw,
+            ema_decay=cfg.ema_decay, clip_sample=None if latent_shape is not None else cfg.clip_sample,
+            threshold=None if latent_shape is not None else cfg.threshold, **kw,
         )  # fmt: skip
 
     def _step(self, batch: dict, stage: str) -> Tensor:
@@ -848,7 +915,8 @@ class DDPM(L.LightningModule):
         if use.any():
             eps = self.model(x_t[use], t[use], y[use])
             abar = _gather(self.schedule.alphas_cumprod.to(x_t.device), t[use], x_t)
-            x_sc[use] = _next_self_cond(self.model, eps, x_t[use], abar, self.hparams.clip_sample)
+            hp = self.hparams
+            x_sc[use] = _next_self_cond(self.model, eps, x_t[use], abar, hp.clip_sample, hp.threshold)
         return x_sc
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -904,12 +972,10 @@ class DDPM(L.LightningModule):
         shape = (B, self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size)
         if y is not None:
             y = y.to(self.device)
-        clip = self.hparams.clip_sample
+        limits = dict(clip_sample=self.hparams.clip_sample, threshold=self.hparams.threshold)
         if sampler == "ancestral":
-            return sample_ancestral(net, self.schedule, shape, y, guidance_scale, generator, clip_sample=clip)
-        return sample_ddim(
-            net, self.schedule, shape, y, guidance_scale, num_steps, generator=generator, clip_sample=clip
-        )
+            return sample_ancestral(net, self.schedule, shape, y, guidance_scale, generator, **limits)
+        return sample_ddim(net, self.schedule, shape, y, guidance_scale, num_steps, generator=generator, **limits)
 
 
 # --------------------------------------------------------------------------------------------------
