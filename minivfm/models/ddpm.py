@@ -774,8 +774,8 @@ class DDPMConfig:
     num_steps: int = 1000  # T
     schedule: str = "cosine"
     p_uncond: float = 0.1  # condition dropout
-    min_snr_gamma: float | None = 1.0  # Min-SNR loss weighting (None: the plain simple loss)
-    t_sampling: str = "uniform"  # training timesteps: "uniform", "logit_normal" or "split" (see sample_timesteps)
+    min_snr_gamma: float | None = 5.0  # Min-SNR loss weighting (None: the plain simple loss)
+    t_sampling: str = "split"  # training timesteps: "uniform", "logit_normal" or "split" (see sample_timesteps)
     t_split: int = 300  # "split": the boundary between the low-noise part and the logit-normal part
     t_low_fraction: float = 0.5  # "split": the fraction of each batch below t_split
     self_condition: bool = False  # the U-Net also sees its previous x_0 estimate (Analog Bits)
@@ -786,9 +786,9 @@ class DDPMConfig:
     warmup_steps: int = 100
     ema_decay: float = 0.995
     num_train: int = 8192  # Shapes training images (seed 0)
-    guidance_scale: float = 3.0  # classifier-free guidance used for the reported samples
+    guidance_scale: float = 8.0  # classifier-free guidance used for the reported samples
     clip_sample: float | None = 1.0  # clamp predicted x0 while sampling pixels (latents: never)
-    threshold: float | None = None  # dynamic thresholding quantile instead of clipping (pixels only)
+    threshold: float | None = 0.99  # dynamic thresholding quantile instead of clipping (pixels only)
     num_samples: int = 256  # images for the 1000-step sample_fd (and the 50-step DDIM one)
     ddim_steps: int = 50
     # latent diffusion: the same DDPM on the VAE's latents
