@@ -186,9 +186,14 @@ def _limit_x0(x0: Tensor, clip_sample: float | None, threshold: float | None) ->
     return x0 if clip_sample is None else x0.clamp(-clip_sample, clip_sample)
 
 
-def _check_ratio(name: str, value) -> float | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
-        raise ValueError(f"{name} must be a quantile in (0, 1] or None, got {value!r}")
+def _check_fraction(name: str, value, zero_ok: bool = False, none_ok: bool = False) -> float | None:
+    """``value`` in (0, 1] (``zero_ok``: [0, 1]), or ``None`` if ``none_ok``."""
+    if value is None and none_ok:
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and (0 <= value if zero_ok else 0 < value) and value <= 1):
+        interval = "[0, 1]" if zero_ok else "(0, 1]"
+        raise ValueError(f"{name} must be a number in {interval}{' or None' if none_ok else ''}, got {value!r}")
     return value
 
 
@@ -338,7 +343,7 @@ class NoiseSchedule:
         if clip_sample is not None:
             _check_positive("clip_sample", clip_sample, none_ok=True)
         x0 = predict_x0(eps, x_t, self.alphas_cumprod[t].to(x_t))
-        x0 = _limit_x0(x0, clip_sample, _check_ratio("threshold", threshold))
+        x0 = _limit_x0(x0, clip_sample, _check_fraction("threshold", threshold, none_ok=True))
         mean = posterior_mean_x0(x0, x_t, t, self.alphas_cumprod)
         if noise is None or t == 0:
             return mean
@@ -375,9 +380,10 @@ class NoiseSchedule:
             self._check_like("noise", noise, x_t, "x_t")
         if clip_sample is not None:
             _check_positive("clip_sample", clip_sample, none_ok=True)
+        threshold = _check_fraction("threshold", threshold, none_ok=True)
         return ddim_update(
             eps, x_t, t, t_prev, self.alphas_cumprod, eta=float(eta), noise=noise, clip_sample=clip_sample,
-            threshold=_check_ratio("threshold", threshold), use_clipped_model_output=use_clipped_model_output,
+            threshold=threshold, use_clipped_model_output=use_clipped_model_output,
         )  # fmt: skip
 
     def ddim_timesteps(self, num_inference_steps: int) -> list[int]:
@@ -643,8 +649,7 @@ def sample_timesteps(
         u = torch.sigmoid(torch.randn(batch_size, generator=generator))
         return (u * num_steps).long().clamp(max=num_steps - 1)
     split_t = _check_int("split_t", split_t, 1, num_steps - 1)
-    if isinstance(low_fraction, bool) or not isinstance(low_fraction, (int, float)) or not 0 <= low_fraction <= 1:
-        raise ValueError(f"low_fraction must be a number in [0, 1], got {low_fraction!r}")
+    low_fraction = _check_fraction("low_fraction", low_fraction, zero_ok=True)
     n_low = round(low_fraction * batch_size)
     low = torch.randint(0, split_t, (n_low,), generator=generator)
     # n ~ N(0, 1) conditioned on sigmoid(n) >= split_t / T, drawn by the inverse CDF (no rejection loop)
@@ -859,7 +864,7 @@ class DDPM(L.LightningModule):
         threshold: float | None = None,
     ) -> None:
         super().__init__()
-        _check_ratio("threshold", threshold)
+        _check_fraction("threshold", threshold, none_ok=True)
         # check the timestep options now (a private generator: the global RNG stream is left alone)
         sample_timesteps(2, num_steps, t_sampling, torch.Generator(), split_t=t_split, low_fraction=t_low_fraction)
         self.save_hyperparameters()
