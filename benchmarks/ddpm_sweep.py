@@ -3,13 +3,14 @@
 Two commands, both on one CPU thread so that two runs can share a 2-core machine:
 
 ``train``: the ``cpu`` preset (``DDPMConfig.preset("cpu")``) with overrides, trained exactly as
-``minivfm results ddpm`` trains it (seed 0, ``DDPM.from_config``, ``fit``); saves the EMA weights
+``minivfm results ddpm`` trains it (``DDPM.from_config``, ``fit``; seed 0 unless ``--seed``); saves the EMA weights
 to ``OUT/NAME.pt`` and scores 50-step guided DDIM samples (labels cycling through the classes,
 generator seed 1) with :mod:`minivfm.metrics`. About 18 minutes::
 
     python benchmarks/ddpm_sweep.py train base
     python benchmarks/ddpm_sweep.py train lf25 t_low_fraction=0.25
     python benchmarks/ddpm_sweep.py train g20 min_snr_gamma=20.0
+    python benchmarks/ddpm_sweep.py train seed1 --seed 1      # the run-to-run spread
 
 ``guide``: loads a checkpoint from ``train`` and scores guidance variants with the library's own
 ``sample_ddim`` (so thresholding and the eps re-derivation are unchanged). About 80 s a variant::
@@ -127,6 +128,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="DDPMConfig fields, key=value")
     p.add_argument("--variant", action="append", default=[],
                    help="guide: mode=...,scale=...[,lo=,hi=,eta=,r=,beta=,phi=]")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="train: the training seed (init, batches, noise)")
     p.add_argument("--n", type=int, default=480, help="samples per score (std of acc ~0.016 at 480)")
     p.add_argument("--out", type=Path, default=Path("outputs/ddpm_sweep"))
     args = p.parse_args()
@@ -137,14 +139,14 @@ def main() -> None:
     model = D.DDPM.from_config(cfg)
     ckpt = args.out / f"{args.name}.pt"
     if args.command == "train":
-        L.seed_everything(0, workers=True)
+        L.seed_everything(args.seed, workers=True)
         images, labels = D.shapes_tensors(cfg.num_train, cfg.image_size, seed=0)
         t = time.perf_counter()
         D.fit(model, images, labels, cfg.batch_size, cfg.max_steps, "cpu")
         train_s = round(time.perf_counter() - t)
         torch.save({"overrides": over, "ema": model.ema.state_dict()}, ckpt)
         x, y, secs = draw(model.ema, model, cfg, args.n, cfg.guidance_scale)
-        score(args.name, x, y, args.out, overrides=str(over), scale=cfg.guidance_scale, train_s=train_s,
+        score(args.name, x, y, args.out, overrides=str(over), seed=args.seed, scale=cfg.guidance_scale, train_s=train_s,
               sample_s=round(secs))  # fmt: skip
         return
     saved = torch.load(ckpt)
