@@ -136,11 +136,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     over = parse_pairs(args.overrides)
     cfg = replace(D.DDPMConfig.preset("cpu"), **over)
-    model = D.DDPM.from_config(cfg)
     ckpt = args.out / f"{args.name}.pt"
     if args.command == "train":
         L.seed_everything(args.seed, workers=True)
         images, labels = D.shapes_tensors(cfg.num_train, cfg.image_size, seed=0)
+        model = D.DDPM.from_config(cfg)
         t = time.perf_counter()
         D.fit(model, images, labels, cfg.batch_size, cfg.max_steps, "cpu")
         train_s = round(time.perf_counter() - t)
