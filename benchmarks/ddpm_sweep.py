@@ -150,7 +150,7 @@ def main() -> None:
               sample_s=round(secs))  # fmt: skip
         return
     saved = torch.load(ckpt)
-    cfg = replace(D.DDPMConfig.preset("cpu"), **saved["overrides"], **over)
+    cfg = replace(D.DDPMConfig.preset("cpu"), **{**saved["overrides"], **over})
     model = D.DDPM.from_config(cfg)
     model.ema.load_state_dict(saved["ema"])
     for spec in args.variant or [f"mode=cfg,scale={cfg.guidance_scale}"]:
