@@ -100,8 +100,9 @@ class Guided(nn.Module):
         elif self.mode == "cfg":
             g = D.cfg_mix(c, u, self.scale)
         else:
-            a, b = self.abar[t0].sqrt(), (1 - self.abar[t0]).sqrt()
-            g = (x - a * self.guide_x0((x - b * c) / a, (x - b * u) / a)) / b
+            abar = self.abar[t0]
+            x0g = self.guide_x0(D.predict_x0(c, x, abar), D.predict_x0(u, x, abar))
+            g = (x - abar.sqrt() * x0g) / (1 - abar).sqrt()  # eps from x0, as ddim_update re-derives it
         return torch.cat([c, (g - self.scale * c) / (1 - self.scale)])
 
 
@@ -135,8 +136,9 @@ def main() -> None:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     over = parse_pairs(args.overrides)
-    cfg = replace(D.DDPMConfig.preset("cpu"), **over)
     ckpt = args.out / f"{args.name}.pt"
+    saved = torch.load(ckpt) if args.command == "guide" else {"overrides": {}}
+    cfg = replace(D.DDPMConfig.preset("cpu"), **{**saved["overrides"], **over})
     if args.command == "train":
         L.seed_everything(args.seed, workers=True)
         images, labels = D.shapes_tensors(cfg.num_train, cfg.image_size, seed=0)
@@ -149,8 +151,6 @@ def main() -> None:
         score(args.name, x, y, args.out, overrides=str(over), seed=args.seed, scale=cfg.guidance_scale, train_s=train_s,
               sample_s=round(secs))  # fmt: skip
         return
-    saved = torch.load(ckpt)
-    cfg = replace(D.DDPMConfig.preset("cpu"), **{**saved["overrides"], **over})
     model = D.DDPM.from_config(cfg)
     model.ema.load_state_dict(saved["ema"])
     for spec in args.variant or [f"mode=cfg,scale={cfg.guidance_scale}"]:
