@@ -404,6 +404,56 @@ def test_guidance_scale_one_is_the_conditional_model():
     _close(got, want, atol=1e-5)
 
 
+def test_guidance_at_and_interval_checks():
+    assert ddpm.guidance_at(900, 8.0) == 8.0  # no interval: every step
+    assert ddpm.guidance_at(849, 8.0, (0, 850)) == 8.0
+    assert ddpm.guidance_at(850, 8.0, (0, 850)) == 1.0  # hi is excluded
+    assert ddpm.guidance_at(99, 8.0, (100, 850)) == 1.0 and ddpm.guidance_at(100, 8.0, (100, 850)) == 8.0
+    net, s, y = _tiny_unet().eval(), NoiseSchedule(50), torch.tensor([0, 3])
+    for bad in [(10, 10), (20, 10), (-1, 10), (0, 51), (0, 10.0), (0,), 850, (True, 10)]:
+        for sampler in (ddpm.sample_ddim, ddpm.sample_ancestral):
+            with pytest.raises(ValueError, match="guidance_interval"):
+                sampler(net, s, (2, 3, 16, 16), y, 3.0, guidance_interval=bad)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ancestral"])
+def test_guidance_interval_guides_only_inside_it(sampler):
+    """Inside (lo, hi) the step sees cfg_mix of the two branches, outside it the conditional eps alone."""
+    torch.manual_seed(0)
+    net = _tiny_unet().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    s, y, shape, interval = NoiseSchedule(50), torch.tensor([0, 3]), (2, 3, 16, 16), (10, 30)
+    kw = dict(clip_sample=1.0, threshold=0.9)
+
+    def run(**extra):
+        g = torch.Generator().manual_seed(0)
+        if sampler == "ddim":
+            return ddpm.sample_ddim(net, s, shape, y, 3.0, num_steps=10, generator=g, **kw, **extra)
+        return ddpm.sample_ancestral(net, s, shape, y, 3.0, generator=g, **kw, **extra)
+
+    got = run(guidance_interval=interval)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    ts = s.ddim_timesteps(10) if sampler == "ddim" else list(reversed(range(50)))
+    guided = 0
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            tt = torch.full((2,), t)
+            eps = net(x, tt, y)
+            if 10 <= t < 30:
+                eps, guided = ddpm.cfg_mix(eps, net(x, tt, None), 3.0), guided + 1
+            if sampler == "ddim":
+                x = s.ddim_step(eps, t, ts[i + 1] if i + 1 < len(ts) else -1, x, use_clipped_model_output=True, **kw)
+            else:
+                x = s.step(eps, t, x, torch.randn(shape, generator=g) if t > 0 else None, **kw)
+    assert 0 < guided < len(ts)
+    _close(got, x, atol=1e-5)
+    assert not torch.allclose(got, run(), atol=1e-3)  # guiding every step gives something else
+    _close(run(guidance_interval=(0, 50)), run(), atol=1e-6)  # the whole range is every step
+
+
 def test_ancestral_sampler_uses_step():
     net = _tiny_unet().eval()
     s = NoiseSchedule(20)

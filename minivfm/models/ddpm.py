@@ -659,6 +659,32 @@ def sample_timesteps(
     return torch.cat([low, high])
 
 
+def guidance_at(t: int, scale: float, interval: tuple[int, int] | None = None) -> float:
+    """The guidance scale at timestep ``t``: ``scale`` inside ``interval = (lo, hi)`` (``lo <= t < hi``),
+    1 (the plain conditional model, one forward pass) outside it; ``None``: every step is guided.
+
+    Guidance at the highest noise levels mostly pushes every sample of a class towards the same
+    layout (less variety, a worse FD) while the class is decided later; Kynkaanniemi et al. 2024,
+    "Applying Guidance in a Limited Interval", leave it out there."""
+    if interval is None:
+        return scale
+    lo, hi = interval
+    return scale if lo <= t < hi else 1.0
+
+
+def _check_interval(interval, num_steps: int) -> tuple[int, int] | None:
+    """``None`` or ``(lo, hi)``: ints with ``0 <= lo < hi <= num_steps``."""
+    if interval is None:
+        return None
+    ok = isinstance(interval, (tuple, list)) and len(interval) == 2
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in interval)
+    if not (ok and 0 <= interval[0] < interval[1] <= num_steps):
+        raise ValueError(
+            f"guidance_interval must be None or (lo, hi), ints with 0 <= lo < hi <= {num_steps}, got {interval!r}"
+        )
+    return tuple(interval)
+
+
 def _guided_eps(
     model: nn.Module, x: Tensor, t: Tensor, y: Tensor | None, scale: float, x_self_cond: Tensor | None = None
 ) -> Tensor:
@@ -696,6 +722,7 @@ def sample_ancestral(
     trajectory_every: int = 100,
     clip_sample: float | None = 1.0,
     threshold: float | None = None,
+    guidance_interval: tuple[int, int] | None = None,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """DDPM Algorithm 2: start from N(0, I) and apply :meth:`NoiseSchedule.step` for t = T-1..0.
 
@@ -711,14 +738,17 @@ def sample_ancestral(
             ``None`` for no clipping (latents).
         threshold: :func:`dynamic_threshold` each predicted x_0 at this quantile instead of clipping it
             (Imagen's remedy for large guidance scales); ``None``: clip.
+        guidance_interval: ``(lo, hi)``: guide only the steps with ``lo <= t < hi`` (:func:`guidance_at`);
+            ``None``: every step.
     """
+    interval = _check_interval(guidance_interval, schedule.num_steps)
     device = next(model.parameters()).device
     x = torch.randn(shape, generator=generator).to(device)
     traj = [x.cpu()]
     x0_est = None  # the previous step's x_0 estimate (self-conditioned models)
     for t in reversed(range(schedule.num_steps)):
         tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-        eps = _guided_eps(model, x, tt, y, guidance_scale, x0_est)
+        eps = _guided_eps(model, x, tt, y, guidance_at(t, guidance_scale, interval), x0_est)
         x0_est = _next_self_cond(model, eps, x, schedule.alphas_cumprod[t], clip_sample, threshold)
         noise = torch.randn(shape, generator=generator).to(device) if t > 0 else None
         x = schedule.step(eps, t, x, noise, clip_sample=clip_sample, threshold=threshold)
@@ -739,11 +769,14 @@ def sample_ddim(
     generator: torch.Generator | None = None,
     clip_sample: float | None = 1.0,
     threshold: float | None = None,
+    guidance_interval: tuple[int, int] | None = None,
 ) -> Tensor:
     """DDIM sampling (Song et al. eq. 12) on ``num_steps`` evenly spaced timesteps; eta = 0 is deterministic.
     ``clip_sample`` and ``threshold`` as in :func:`sample_ancestral`; when either limits x_0, each step
     re-derives eps from the limited x_0 (``use_clipped_model_output``): a strongly guided eps that
-    disagrees with the x_0 it is paired with sends the sample out of range."""
+    disagrees with the x_0 it is paired with sends the sample out of range. ``guidance_interval``: guide
+    only the steps with ``lo <= t < hi`` (:func:`guidance_at`); ``None``: every step."""
+    interval = _check_interval(guidance_interval, schedule.num_steps)
     device = next(model.parameters()).device
     x = torch.randn(shape, generator=generator).to(device)
     ts = schedule.ddim_timesteps(num_steps)
@@ -752,7 +785,7 @@ def sample_ddim(
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-        eps = _guided_eps(model, x, tt, y, guidance_scale, x0_est)
+        eps = _guided_eps(model, x, tt, y, guidance_at(t, guidance_scale, interval), x0_est)
         x0_est = _next_self_cond(model, eps, x, schedule.alphas_cumprod[t], clip_sample, threshold)
         noise = torch.randn(shape, generator=generator).to(device) if eta > 0 else None
         x = schedule.ddim_step(eps, t, t_prev, x, eta=eta, noise=noise, clip_sample=clip_sample, threshold=threshold,
@@ -792,6 +825,9 @@ class DDPMConfig:
     ema_decay: float = 0.995
     num_train: int = 8192  # Shapes training images (seed 0)
     guidance_scale: float = 8.0  # classifier-free guidance used for the reported samples
+    # guide only the steps with lo <= t < hi; above t = 850 the conditional model alone (pixels only;
+    # cpu, 3 training seeds, 480 DDIM samples: FD 56 vs 74, sample_acc 0.820 vs 0.797 guiding every step)
+    guidance_interval: tuple[int, int] | None = (0, 850)
     clip_sample: float | None = 1.0  # clamp predicted x0 while sampling pixels (latents: never)
     threshold: float | None = 0.99  # dynamic thresholding quantile instead of clipping (pixels only)
     num_samples: int = 256  # images for the 1000-step sample_fd (and the 50-step DDIM one)
@@ -969,9 +1005,11 @@ class DDPM(L.LightningModule):
         num_steps: int = 50,
         generator: torch.Generator | None = None,
         use_ema: bool = True,
+        guidance_interval: tuple[int, int] | None = None,
     ) -> Tensor:
         """Samples ``(B, C, H, W)`` from the (EMA) model: ``sampler`` is ``"ddim"`` (``num_steps``)
-        or ``"ancestral"`` (all T steps). Give labels ``y`` or, unconditionally, ``num_samples``."""
+        or ``"ancestral"`` (all T steps). Give labels ``y`` or, unconditionally, ``num_samples``.
+        ``guidance_interval``: ``(lo, hi)`` guides only the steps with ``lo <= t < hi``; ``None``: all."""
         if sampler not in ("ddim", "ancestral"):
             raise ValueError(f"sampler must be 'ddim' or 'ancestral', got {sampler!r}")
         if y is None and num_samples is None:
@@ -981,7 +1019,8 @@ class DDPM(L.LightningModule):
         shape = (B, self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size)
         if y is not None:
             y = y.to(self.device)
-        limits = dict(clip_sample=self.hparams.clip_sample, threshold=self.hparams.threshold)
+        limits = dict(clip_sample=self.hparams.clip_sample, threshold=self.hparams.threshold,
+                      guidance_interval=guidance_interval)  # fmt: skip
         if sampler == "ancestral":
             return sample_ancestral(net, self.schedule, shape, y, guidance_scale, generator, **limits)
         return sample_ddim(net, self.schedule, shape, y, guidance_scale, num_steps, generator=generator, **limits)
@@ -1111,7 +1150,8 @@ def results_pixel(profile: str, out_dir: str | None = None, verbose: bool = Fals
 
     def draw(sampler: str):
         return model.sample(y, guidance_scale=cfg.guidance_scale, sampler=sampler, num_steps=cfg.ddim_steps,
-                            generator=torch.Generator().manual_seed(1))  # fmt: skip
+                            generator=torch.Generator().manual_seed(1),
+                            guidance_interval=cfg.guidance_interval)  # fmt: skip
 
     ddim, secs = _timed(lambda: draw("ddim"))
     report.grid("ddim", ddim)
