@@ -4,8 +4,8 @@ Two commands, both on one CPU thread so that two runs can share a 2-core machine
 
 ``train``: the ``cpu`` preset (``DDPMConfig.preset("cpu")``) with overrides, trained exactly as
 ``minivfm results ddpm`` trains it (``DDPM.from_config``, ``fit``; seed 0 unless ``--seed``); saves the EMA weights
-to ``OUT/NAME.pt`` and scores 50-step guided DDIM samples (labels cycling through the classes,
-generator seed 1) with :mod:`minivfm.metrics`. About 18 minutes::
+to ``OUT/NAME.pt`` and scores 50-step guided DDIM samples (the preset's scale and guidance interval;
+labels cycling through the classes, generator seed 1) with :mod:`minivfm.metrics`. About 18 minutes::
 
     python benchmarks/ddpm_sweep.py train base
     python benchmarks/ddpm_sweep.py train lf25 t_low_fraction=0.25
@@ -113,12 +113,13 @@ def score(name: str, x: Tensor, y: Tensor, out: Path, **info) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def draw(net: nn.Module, model: D.DDPM, cfg: D.DDPMConfig, n: int, scale: float) -> tuple[Tensor, Tensor, float]:
+def draw(net: nn.Module, model: D.DDPM, cfg: D.DDPMConfig, n: int, scale: float,
+         interval: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, float]:  # fmt: skip
     y = torch.arange(n) % cfg.num_classes
     t = time.perf_counter()
     x = D.sample_ddim(net.eval(), model.schedule, (n, cfg.in_channels, cfg.image_size, cfg.image_size), y, scale,
                       cfg.ddim_steps, generator=torch.Generator().manual_seed(1), clip_sample=cfg.clip_sample,
-                      threshold=cfg.threshold)  # fmt: skip
+                      threshold=cfg.threshold, guidance_interval=interval)  # fmt: skip
     return x, y, time.perf_counter() - t
 
 
@@ -147,7 +148,7 @@ def main() -> None:
         D.fit(model, images, labels, cfg.batch_size, cfg.max_steps, "cpu")
         train_s = round(time.perf_counter() - t)
         torch.save({"overrides": over, "ema": model.ema.state_dict()}, ckpt)
-        x, y, secs = draw(model.ema, model, cfg, args.n, cfg.guidance_scale)
+        x, y, secs = draw(model.ema, model, cfg, args.n, cfg.guidance_scale, cfg.guidance_interval)
         score(args.name, x, y, args.out, overrides=str(over), seed=args.seed, scale=cfg.guidance_scale, train_s=train_s,
               sample_s=round(secs))  # fmt: skip
         return
