@@ -154,7 +154,10 @@ def main() -> None:
         return
     model = D.DDPM.from_config(cfg)
     model.ema.load_state_dict(saved["ema"])
-    for spec in args.variant or [f"mode=cfg,scale={cfg.guidance_scale}"]:
+    preset = f"mode=cfg,scale={cfg.guidance_scale}"  # the preset's guidance, as the train score draws it
+    if cfg.guidance_interval is not None:
+        preset += ",lo={},hi={}".format(*cfg.guidance_interval)
+    for spec in args.variant or [preset]:
         kw = parse_pairs(spec.split(","))
         net = Guided(model.ema.eval(), model.schedule.alphas_cumprod, **kw)
         x, y, secs = draw(net, model, cfg, args.n, kw["scale"])
