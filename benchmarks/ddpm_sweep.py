@@ -5,7 +5,8 @@ Two commands, both on one CPU thread so that two runs can share a 2-core machine
 ``train``: the ``cpu`` preset (``DDPMConfig.preset("cpu")``) with overrides, trained exactly as
 ``minivfm results ddpm`` trains it (``DDPM.from_config``, ``fit``; seed 0 unless ``--seed``); saves the EMA weights
 to ``OUT/NAME.pt`` and scores 50-step guided DDIM samples (the preset's scale and guidance interval;
-labels cycling through the classes, generator seed 1) with :mod:`minivfm.metrics`. About 18 minutes::
+labels cycling through the classes, generator seed 1) with :mod:`minivfm.metrics`. About 18 minutes
+(50 on the 2.8x slower AVX2-only machine)::
 
     python benchmarks/ddpm_sweep.py train base
     python benchmarks/ddpm_sweep.py train lf25 t_low_fraction=0.25
@@ -95,7 +96,7 @@ class Guided(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         c, u = self.net(x, t, y).chunk(2)
         x, t0 = x.chunk(2)[0], int(t[0])
-        if not self.lo <= t0 < self.hi:
+        if D.guidance_at(t0, self.scale, (self.lo, self.hi)) == 1.0:  # the library's interval rule (scale != 1)
             g = c
         elif self.mode == "cfg":
             g = D.cfg_mix(c, u, self.scale)
