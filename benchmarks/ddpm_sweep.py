@@ -28,6 +28,15 @@ Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval"):
 - ``rescale``: Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps Are Flawed",
   sec. 3.4: the guided x0 rescaled to the conditional x0's standard deviation, mixed with weight ``phi``.
 
+``diagnose``: where a trained run loses the class. Real test images (``metrics.real_images``, labels
+known) are noised to ``t`` and then (a) denoised in one step, the conditional model's x_0 estimate,
+clamped to [-1, 1] (``x0_acc``, ``x0_mse``), and (b) carried back to t = 0 by the preset's guided
+50-step DDIM from ``t`` down (SDEdit, Meng et al. 2022; ``sdedit_acc``). A perfect denoiser keeps
+``sdedit_acc`` near the real images' 0.996 at every ``t``; the drop from one ``t`` to a lower one is what
+the model loses on that stretch of the chain. About 2 minutes for the default list::
+
+    python benchmarks/ddpm_sweep.py diagnose base --t 100 200 300 500
+
 Each line of output is also appended to ``OUT/results.jsonl``.
 """
 
@@ -107,6 +116,62 @@ class Guided(nn.Module):
         return torch.cat([c, (g - self.scale * c) / (1 - self.scale)])
 
 
+class TwoBlocks(nn.Module):
+    """Two residual blocks where the U-Net has one (``--arch deep0``: the first level, down and up)."""
+
+    def __init__(self, first: nn.Module, cout: int, emb_dim: int) -> None:
+        super().__init__()
+        self.first, self.second = first, D.ResBlock(cout, cout, emb_dim)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        return self.second(self.first(x, emb), emb)
+
+
+class Refine(nn.Module):
+    """``--arch refine``: a full-resolution head after the U-Net. It sees x_t and the U-Net's eps at
+    H x W (the U-Net itself never works above H/patch) and adds a correction to eps:
+    conv(2C -> w), FiLM by the U-Net's embedding, conv(w -> w), conv(w -> C), the last one zero-initialized."""
+
+    def __init__(self, net: D.UNet, width: int = 32) -> None:
+        super().__init__()
+        C, E = net.in_channels, net.time_embed[-1].out_features
+        self.net, self.num_classes, self.self_condition = net, net.num_classes, False
+        self.conv1, self.emb = nn.Conv2d(2 * C, width, 3, padding=1), nn.Linear(E, 2 * width)
+        self.norm = nn.GroupNorm(8, width)
+        self.conv2, self.conv3 = nn.Conv2d(width, width, 3, padding=1), nn.Conv2d(width, C, 3, padding=1)
+        nn.init.zeros_(self.conv3.weight)
+        nn.init.zeros_(self.conv3.bias)
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, x_self_cond: Tensor | None = None) -> Tensor:
+        eps = self.net(x, t, y)
+        scale, shift = self.emb(torch.nn.functional.silu(self.net.embed(t, y)))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm(self.conv1(torch.cat([x, eps], dim=1))) * (1 + scale) + shift
+        h = self.conv2(torch.nn.functional.silu(h))
+        return eps + self.conv3(torch.nn.functional.silu(h))
+
+
+def build_arch(model: D.DDPM, arch: str) -> None:
+    """Swaps ``model.model`` and ``model.ema`` for the ``--arch`` variant (same weights in both)."""
+    if arch == "base":
+        return
+    for name in ("model", "ema"):
+        torch.manual_seed(1234)  # the added layers start equal in both copies
+        net = getattr(model, name)
+        if arch == "deep0":
+            E, c0 = net.time_embed[-1].out_features, net.down[0].conv2.out_channels
+            net.down[0] = TwoBlocks(net.down[0], c0, E)
+            net.up[-1] = TwoBlocks(net.up[-1], c0, E)
+            net.to(memory_format=torch.channels_last)
+        elif arch == "refine":
+            net = Refine(net)
+        else:
+            raise SystemExit(f"unknown --arch {arch!r}")
+        setattr(model, name, net)
+    model.ema.load_state_dict(model.model.state_dict())
+    model.ema.requires_grad_(False)
+
+
 def score(name: str, x: Tensor, y: Tensor, out: Path, **info) -> None:
     row = dict(name=name, **info, n=len(y), acc=round(metrics.sample_acc(x, y), 4), fd=round(metrics.sample_fd(x), 2))
     print(json.dumps(row), flush=True)
@@ -124,14 +189,45 @@ def draw(net: nn.Module, model: D.DDPM, cfg: D.DDPMConfig, n: int, scale: float,
     return x, y, time.perf_counter() - t
 
 
+@torch.no_grad()
+def diagnose(net: nn.Module, model: D.DDPM, cfg: D.DDPMConfig, n: int, ts: list[int], out: Path, name: str) -> None:
+    sched, net = model.schedule, net.eval()
+    x0, y = metrics.real_images(n, "test")
+    g = torch.Generator().manual_seed(2)
+    for t0 in ts:
+        if not 0 < t0 < cfg.num_steps:
+            raise SystemExit(f"--t must be in (0, {cfg.num_steps}), got {t0}")
+        tt = torch.full((n,), t0, dtype=torch.long)
+        x = sched.add_noise(x0, torch.randn(x0.shape, generator=g), tt)
+        abar = sched.alphas_cumprod[t0]
+        x0_hat = D.predict_x0(net(x, tt, y), x, abar).clamp(-1, 1)
+        steps = [t for t in sched.ddim_timesteps(cfg.ddim_steps) if t <= t0]
+        if steps[0] != t0:
+            steps = [t0, *steps]
+        for i, t in enumerate(steps):  # sample_ddim's loop, entered at t0
+            t_prev = steps[i + 1] if i + 1 < len(steps) else -1
+            tb = torch.full((n,), t, dtype=torch.long)
+            eps = D._guided_eps(net, x, tb, y, D.guidance_at(t, cfg.guidance_scale, cfg.guidance_interval))
+            x = sched.ddim_step(eps, t, t_prev, x, clip_sample=cfg.clip_sample, threshold=cfg.threshold,
+                                use_clipped_model_output=True)  # fmt: skip
+        mse = float((x0_hat - x0).pow(2).mean())
+        row = dict(name=name, diagnose_t=t0, n=n, x0_acc=round(metrics.sample_acc(x0_hat, y), 4), x0_mse=round(mse, 5),
+                   sdedit_acc=round(metrics.sample_acc(x, y), 4))  # fmt: skip
+        print(json.dumps(row), flush=True)
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=("train", "guide"))
+    p.add_argument("command", choices=("train", "guide", "diagnose"))
     p.add_argument("name", help="train: the run's name; guide: the name of a trained run")
     p.add_argument("overrides", nargs="*", help="DDPMConfig fields, key=value")
     p.add_argument("--variant", action="append", default=[],
                    help="guide: mode=...,scale=...[,lo=,hi=,eta=,r=,beta=,phi=]")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="train: the training seed (init, batches, noise)")
+    p.add_argument("--arch", default="base", help="train: base, deep0 or refine (see build_arch)")
+    p.add_argument("--t", type=int, nargs="+", default=[100, 200, 300, 500], help="diagnose: noise levels")
     p.add_argument("--n", type=int, default=480, help="samples per score (std of acc ~0.016 at 480)")
     p.add_argument("--out", type=Path, default=Path("outputs/ddpm_sweep"))
     args = p.parse_args()
@@ -139,22 +235,27 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     over = parse_pairs(args.overrides)
     ckpt = args.out / f"{args.name}.pt"
-    saved = torch.load(ckpt) if args.command == "guide" else {"overrides": {}}
+    saved = torch.load(ckpt) if args.command != "train" else {"overrides": {}}
     cfg = replace(D.DDPMConfig.preset("cpu"), **{**saved["overrides"], **over})
     if args.command == "train":
         L.seed_everything(args.seed, workers=True)
         images, labels = D.shapes_tensors(cfg.num_train, cfg.image_size, seed=0)
         model = D.DDPM.from_config(cfg)
+        build_arch(model, args.arch)
         t = time.perf_counter()
         D.fit(model, images, labels, cfg.batch_size, cfg.max_steps, "cpu")
         train_s = round(time.perf_counter() - t)
-        torch.save({"overrides": over, "ema": model.ema.state_dict()}, ckpt)
+        torch.save({"overrides": over, "arch": args.arch, "ema": model.ema.state_dict()}, ckpt)
         x, y, secs = draw(model.ema, model, cfg, args.n, cfg.guidance_scale, cfg.guidance_interval)
         score(args.name, x, y, args.out, overrides=str(over), seed=args.seed, scale=cfg.guidance_scale, train_s=train_s,
               sample_s=round(secs))  # fmt: skip
         return
     model = D.DDPM.from_config(cfg)
+    build_arch(model, saved.get("arch", "base"))
     model.ema.load_state_dict(saved["ema"])
+    if args.command == "diagnose":
+        diagnose(model.ema, model, cfg, args.n, args.t, args.out, args.name)
+        return
     preset = f"mode=cfg,scale={cfg.guidance_scale}"  # the preset's guidance, as the train score draws it
     if cfg.guidance_interval is not None:
         preset += ",lo={},hi={}".format(*cfg.guidance_interval)

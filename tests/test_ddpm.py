@@ -192,6 +192,10 @@ def test_dynamic_threshold_properties():
             NoiseSchedule().step(torch.zeros(1, 2), 5, torch.zeros(1, 2), threshold=bad)
         with pytest.raises(ValueError, match="threshold"):
             NoiseSchedule().ddim_step(torch.zeros(1, 2), 5, 1, torch.zeros(1, 2), threshold=bad)
+        with pytest.raises(ValueError, match="threshold"):  # the functional form the lesson rebuilds
+            ddpm.ddim_update(torch.zeros(1, 2), torch.zeros(1, 2), 5, 1, NoiseSchedule().alphas_cumprod, threshold=bad)
+        with pytest.raises(ValueError, match="ratio"):
+            ddpm.dynamic_threshold(torch.zeros(1, 2), bad)
     with pytest.raises(ValueError, match="threshold"):
         ddpm.DDPM(threshold=2.0)
 
@@ -721,6 +725,17 @@ def test_config_presets_build():
         assert model.model.patch == cfg.patch
         lat = ddpm.DDPM.from_config(cfg, latent_shape=(4, 8, 8))
         assert lat.hparams.in_channels == 4 and lat.hparams.image_size == 8
+
+
+def test_latent_unet_has_its_own_attention_flags():
+    """The latent U-Net takes ``latent_attention`` (its own levels), not the pixel U-Net's ``attention``."""
+    cfg = dataclasses.replace(ddpm.DDPMConfig.preset("ci"), attention=(False, True), latent_attention=(True, False))
+    for net in (ddpm.DDPM.from_config(cfg, latent_shape=(4, 8, 8)).model, cfg.unet(4, 8, latent=True)):
+        assert [not isinstance(a, torch.nn.Identity) for a in net.down_attn] == [True, False]
+    pixel = ddpm.DDPM.from_config(cfg).model
+    assert [not isinstance(a, torch.nn.Identity) for a in pixel.down_attn] == [False, True]
+    with pytest.raises(ValueError, match="one flag per level"):
+        ddpm.DDPM.from_config(dataclasses.replace(cfg, latent_attention=(True,)), latent_shape=(4, 8, 8))
 
 
 @pytest.mark.parametrize("self_condition", [False, True])

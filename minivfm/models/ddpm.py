@@ -172,6 +172,7 @@ def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float | None 
         ratio: the quantile, in (0, 1].
         max_value: the largest s, or ``None``.
     """
+    _check_fraction("ratio", ratio)
     B = x0.shape[0]
     flat = x0.reshape(B, -1).float()  # quantile needs float32 or float64
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value)[:, None]  # (B, 1)
@@ -181,7 +182,7 @@ def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float | None 
 def _limit_x0(x0: Tensor, clip_sample: float | None, threshold: float | None) -> Tensor:
     """The predicted x_0 after dynamic thresholding (``threshold``, a quantile) or clipping to
     ``[-clip_sample, clip_sample]``; thresholding wins when both are given, as in diffusers."""
-    if threshold is not None:
+    if _check_fraction("threshold", threshold, none_ok=True) is not None:
         return dynamic_threshold(x0, threshold)
     return x0 if clip_sample is None else x0.clamp(-clip_sample, clip_sample)
 
@@ -834,6 +835,7 @@ class DDPMConfig:
     ddim_steps: int = 50
     # latent diffusion: the same DDPM on the VAE's latents
     latent_channels_unet: tuple[int, ...] = (64, 128)
+    latent_attention: tuple[bool, ...] = (False, True)  # one flag per level of latent_channels_unet
     latent_max_steps: int = 600
     latent_guidance_scale: float = 3.0  # the latent model's samples (scale 8 overshoots: FD 320 vs 274 at 3)
 
@@ -859,7 +861,7 @@ class DDPMConfig:
             channels=self.latent_channels_unet if latent else self.channels,
             num_classes=self.num_classes,
             patch=1 if latent else self.patch,
-            attention=self.attention,
+            attention=self.latent_attention if latent else self.attention,
             emb_dim=self.emb_dim,
         )
 
@@ -914,14 +916,14 @@ class DDPM(L.LightningModule):
 
     @classmethod
     def from_config(cls, cfg: DDPMConfig, latent_shape: tuple[int, int, int] | None = None) -> DDPM:
-        kw = dict(channels=cfg.channels, patch=cfg.patch)
+        kw = dict(channels=cfg.channels, patch=cfg.patch, attention=cfg.attention)
         in_channels, image_size = cfg.in_channels, cfg.image_size
         if latent_shape is not None:
             in_channels, image_size = latent_shape[0], latent_shape[1]
-            kw = dict(channels=cfg.latent_channels_unet, patch=1)
+            kw = dict(channels=cfg.latent_channels_unet, patch=1, attention=cfg.latent_attention)
         return cls(
             in_channels=in_channels, image_size=image_size, num_classes=cfg.num_classes,
-            attention=cfg.attention, emb_dim=cfg.emb_dim, num_steps=cfg.num_steps, schedule=cfg.schedule,
+            emb_dim=cfg.emb_dim, num_steps=cfg.num_steps, schedule=cfg.schedule,
             p_uncond=cfg.p_uncond, min_snr_gamma=cfg.min_snr_gamma, t_sampling=cfg.t_sampling,
             t_split=cfg.t_split, t_low_fraction=cfg.t_low_fraction, self_condition=cfg.self_condition,
             lr=cfg.lr, weight_decay=cfg.weight_decay,
