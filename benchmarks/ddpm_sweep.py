@@ -1,17 +1,18 @@
 """Guided ``sample_acc`` and ``sample_fd`` of the cpu DDPM, for training knobs and guidance variants.
 
-Two commands, both on one CPU thread so that two runs can share a 2-core machine:
+Three commands, all on one CPU thread so that two runs can share a 2-core machine:
 
 ``train``: the ``cpu`` preset (``DDPMConfig.preset("cpu")``) with overrides, trained exactly as
 ``minivfm results ddpm`` trains it (``DDPM.from_config``, ``fit``; seed 0 unless ``--seed``); saves the EMA weights
 to ``OUT/NAME.pt`` and scores 50-step guided DDIM samples (the preset's scale and guidance interval;
-labels cycling through the classes, generator seed 1) with :mod:`minivfm.metrics`. About 18 minutes
-(50 on the 2.8x slower AVX2-only machine)::
+labels cycling through the classes, generator seed 1) with :mod:`minivfm.metrics`. About 13 minutes
+of training on an idle core of the faster 2-core machine (base 741 s), 36-50 on the 2.8x slower AVX2-only one::
 
     python benchmarks/ddpm_sweep.py train base
     python benchmarks/ddpm_sweep.py train lf25 t_low_fraction=0.25
     python benchmarks/ddpm_sweep.py train g20 min_snr_gamma=20.0
     python benchmarks/ddpm_sweep.py train seed1 --seed 1      # the run-to-run spread
+    python benchmarks/ddpm_sweep.py train refine --arch refine  # U-Net variants: see build_arch
 
 ``guide``: loads a checkpoint from ``train`` and scores guidance variants with the library's own
 ``sample_ddim`` (so thresholding and the eps re-derivation are unchanged). About 80 s a variant::
@@ -230,7 +231,7 @@ def main() -> None:
     p.add_argument("--t", type=int, nargs="+", default=[100, 200, 300, 500], help="diagnose: noise levels")
     p.add_argument("--n", type=int, default=480, help="samples per score (std of acc ~0.016 at 480)")
     p.add_argument("--out", type=Path, default=Path("outputs/ddpm_sweep"))
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # options may come after the key=value overrides, or before them
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     over = parse_pairs(args.overrides)
