@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import json
 import time
 from dataclasses import replace
@@ -173,6 +174,29 @@ def build_arch(model: D.DDPM, arch: str) -> None:
     model.ema.requires_grad_(False)
 
 
+def track_emas(model: D.DDPM, decays: list[float]) -> dict[float, nn.Module]:
+    """Extra EMA copies of ``model.model`` with other decays (``--ema``), updated after every optimizer step
+    with the same warm-up as ``DDPM.on_train_batch_end``: one training run scores several EMA lengths.
+    The warm-up caps the decay at ``(1 + step) / (10 + step)`` (0.99776 at the last of 4000 steps), so every
+    decay above the cap gives the same weights: step k weighted about as k**8, centred at 90% of training."""
+    if any(not 0 < d < 1 for d in decays):
+        raise SystemExit(f"--ema decays must be in (0, 1), got {decays}")
+    extra = {d: copy.deepcopy(model.ema) for d in decays}
+    hook = model.on_train_batch_end
+
+    @torch.no_grad()
+    def on_train_batch_end(outputs, batch, batch_idx: int) -> None:
+        hook(outputs, batch, batch_idx)
+        step = model.global_step
+        for d, ema in extra.items():
+            decay = min(d, (1 + step) / (10 + step))
+            for p_ema, p in zip(ema.parameters(), model.model.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+
+    model.on_train_batch_end = on_train_batch_end
+    return extra
+
+
 def score(name: str, x: Tensor, y: Tensor, out: Path, **info) -> None:
     row = dict(name=name, **info, n=len(y), acc=round(metrics.sample_acc(x, y), 4), fd=round(metrics.sample_fd(x), 2))
     print(json.dumps(row), flush=True)
@@ -228,6 +252,8 @@ def main() -> None:
                    help="guide: mode=...,scale=...[,lo=,hi=,eta=,r=,beta=,phi=]")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="train: the training seed (init, batches, noise)")
     p.add_argument("--arch", default="base", help="train: base, deep0 or refine (see build_arch)")
+    p.add_argument("--ema", type=float, nargs="+", default=[],
+                   help="train: extra EMA decays kept alongside the preset's, each saved and scored as NAME-emaD")
     p.add_argument("--t", type=int, nargs="+", default=[100, 200, 300, 500], help="diagnose: noise levels")
     p.add_argument("--n", type=int, default=480, help="samples per score (std of acc ~0.016 at 480)")
     p.add_argument("--out", type=Path, default=Path("outputs/ddpm_sweep"))
@@ -243,13 +269,15 @@ def main() -> None:
         images, labels = D.shapes_tensors(cfg.num_train, cfg.image_size, seed=0)
         model = D.DDPM.from_config(cfg)
         build_arch(model, args.arch)
+        extra = track_emas(model, args.ema)
         t = time.perf_counter()
         D.fit(model, images, labels, cfg.batch_size, cfg.max_steps, "cpu")
         train_s = round(time.perf_counter() - t)
-        torch.save({"overrides": over, "arch": args.arch, "ema": model.ema.state_dict()}, ckpt)
-        x, y, secs = draw(model.ema, model, cfg, args.n, cfg.guidance_scale, cfg.guidance_interval)
-        score(args.name, x, y, args.out, overrides=str(over), seed=args.seed, scale=cfg.guidance_scale, train_s=train_s,
-              sample_s=round(secs))  # fmt: skip
+        for name, net in [(args.name, model.ema)] + [(f"{args.name}-ema{d}", e) for d, e in extra.items()]:
+            torch.save({"overrides": over, "arch": args.arch, "ema": net.state_dict()}, args.out / f"{name}.pt")
+            x, y, secs = draw(net, model, cfg, args.n, cfg.guidance_scale, cfg.guidance_interval)
+            score(name, x, y, args.out, overrides=str(over), seed=args.seed, scale=cfg.guidance_scale, train_s=train_s,
+                  sample_s=round(secs))  # fmt: skip
         return
     model = D.DDPM.from_config(cfg)
     build_arch(model, saved.get("arch", "base"))
