@@ -5,14 +5,15 @@ Three commands, all on one CPU thread so that two runs can share a 2-core machin
 ``train``: the ``cpu`` preset (``DDPMConfig.preset("cpu")``) with overrides, trained exactly as
 ``minivfm results ddpm`` trains it (``DDPM.from_config``, ``fit``; seed 0 unless ``--seed``); saves the EMA weights
 to ``OUT/NAME.pt`` and scores 50-step guided DDIM samples (the preset's scale and guidance interval;
-labels cycling through the classes, generator seed 1) with :mod:`minivfm.metrics`. About 13 minutes
-of training on an idle core of the faster 2-core machine (base 741 s), 36-50 on the 2.8x slower AVX2-only one::
+labels cycling through the classes, generator seed 1) with :mod:`minivfm.metrics`. About 11-13 minutes
+of training on an idle core of the faster 2-core machine (base 658-741 s), 36-50 on the 2.8x slower AVX2-only one::
 
     python benchmarks/ddpm_sweep.py train base
     python benchmarks/ddpm_sweep.py train lf25 t_low_fraction=0.25
     python benchmarks/ddpm_sweep.py train g20 min_snr_gamma=20.0
     python benchmarks/ddpm_sweep.py train seed1 --seed 1      # the run-to-run spread
     python benchmarks/ddpm_sweep.py train refine --arch refine  # U-Net variants: see build_arch
+    python benchmarks/ddpm_sweep.py train base-e --ema 0.99 0.998  # more EMA decays, scored on the same run
 
 ``guide``: loads a checkpoint from ``train`` and scores guidance variants with the library's own
 ``sample_ddim`` (so thresholding and the eps re-derivation are unchanged). About 80 s a variant::
