@@ -120,7 +120,8 @@ class Guided(nn.Module):
 
 
 class TwoBlocks(nn.Module):
-    """Two residual blocks where the U-Net has one (``--arch deep0``: the first level, down and up)."""
+    """Two residual blocks where the U-Net has one, down and up (``--arch deep0``: the first level;
+    ``deep1``: the second, 8x8 in the preset, where the attention is)."""
 
     def __init__(self, first: nn.Module, cout: int, emb_dim: int) -> None:
         super().__init__()
@@ -161,10 +162,11 @@ def build_arch(model: D.DDPM, arch: str) -> None:
     for name in ("model", "ema"):
         torch.manual_seed(1234)  # the added layers start equal in both copies
         net = getattr(model, name)
-        if arch == "deep0":
-            E, c0 = net.time_embed[-1].out_features, net.down[0].conv2.out_channels
-            net.down[0] = TwoBlocks(net.down[0], c0, E)
-            net.up[-1] = TwoBlocks(net.up[-1], c0, E)
+        if arch in ("deep0", "deep1"):  # level 0 (H/patch) or level 1 (H/2patch, with its attention)
+            level = int(arch[-1])
+            E, c = net.time_embed[-1].out_features, net.down[level].conv2.out_channels
+            net.down[level] = TwoBlocks(net.down[level], c, E)
+            net.up[-1 - level] = TwoBlocks(net.up[-1 - level], c, E)
             net.to(memory_format=torch.channels_last)
         elif arch == "refine":
             net = Refine(net)
@@ -252,7 +254,7 @@ def main() -> None:
     p.add_argument("--variant", action="append", default=[],
                    help="guide: mode=...,scale=...[,lo=,hi=,eta=,r=,beta=,phi=]")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="train: the training seed (init, batches, noise)")
-    p.add_argument("--arch", default="base", help="train: base, deep0 or refine (see build_arch)")
+    p.add_argument("--arch", default="base", help="train: base, deep0, deep1 or refine (see build_arch)")
     p.add_argument("--ema", type=float, nargs="+", default=[],
                    help="train: extra EMA decays kept alongside the preset's, each saved and scored as NAME-emaD")
     p.add_argument("--t", type=int, nargs="+", default=[100, 200, 300, 500], help="diagnose: noise levels")
