@@ -179,7 +179,8 @@ def build_arch(model: D.DDPM, arch: str) -> None:
 
 def track_emas(model: D.DDPM, decays: list[float]) -> dict[float, nn.Module]:
     """Extra EMA copies of ``model.model`` with other decays (``--ema``), updated after every optimizer step
-    with the same warm-up as ``DDPM.on_train_batch_end``: one training run scores several EMA lengths.
+    by the library's ``update_ema``, as ``DDPM.on_train_batch_end`` updates ``model.ema``: one training run
+    scores several EMA lengths.
     The warm-up caps the decay at ``(1 + step) / (10 + step)`` (0.99776 at the last of 4000 steps), so every
     decay above the cap gives the same weights: step k weighted about as k**8, centred at 90% of training."""
     if any(not 0 < d < 1 for d in decays):
@@ -187,14 +188,10 @@ def track_emas(model: D.DDPM, decays: list[float]) -> dict[float, nn.Module]:
     extra = {d: copy.deepcopy(model.ema) for d in decays}
     hook = model.on_train_batch_end
 
-    @torch.no_grad()
     def on_train_batch_end(outputs, batch, batch_idx: int) -> None:
         hook(outputs, batch, batch_idx)
-        step = model.global_step
         for d, ema in extra.items():
-            decay = min(d, (1 + step) / (10 + step))
-            for p_ema, p in zip(ema.parameters(), model.model.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+            D.update_ema(ema, model.model, d, model.global_step)
 
     model.on_train_batch_end = on_train_batch_end
     return extra

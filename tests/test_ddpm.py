@@ -839,3 +839,16 @@ def test_results_ci_runs_and_reports_every_metric():
     assert 0 <= out["sample_acc"] <= 1
     assert out["real_fd"] < out["sample_fd"]  # 150 ci steps are far from real images
     assert out["ddim_seconds"] < out["ancestral_seconds"]
+
+
+def test_update_ema_warm_up_and_buffers():
+    model, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)  # parameters that require grad
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+        model.running_mean.fill_(5.0)
+    ddpm.update_ema(ema, model, 0.99, step=0)  # warm-up: decay 1/10, not 0.99
+    assert torch.allclose(ema.weight, torch.full((3,), 0.1 * 1.0 + 0.9 * 2.0))
+    assert torch.equal(ema.running_mean, model.running_mean)  # buffers are copied, not averaged
+    before = ema.weight.clone()
+    ddpm.update_ema(ema, model, 0.99, step=10_000)  # past the warm-up: the decay itself
+    assert torch.allclose(ema.weight, 0.99 * before + 0.01 * model.weight)

@@ -50,6 +50,7 @@ __all__ = [
     "T_SAMPLING",
     "drop_labels",
     "DDPMConfig",
+    "update_ema",
     "DDPM",
     "sample_ancestral",
     "sample_ddim",
@@ -866,6 +867,19 @@ class DDPMConfig:
         )
 
 
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """One step of the exponential moving average of ``model``'s weights into ``ema`` (buffers copied).
+
+    The decay has a warm-up, ``min(decay, (1 + step) / (10 + step))``: until it reaches ``decay`` the
+    average weights step k about as k**8 (centred at 90% of the steps so far), not the raw early weights."""
+    d = min(decay, (1 + step) / (10 + step))
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1 - d)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
 class DDPM(L.LightningModule):
     """Trains a :class:`UNet` with the simple loss (DDPM Algorithm 1) plus condition dropout;
     ``min_snr_gamma`` weights it per sample with :func:`min_snr_weight` (``None``: unweighted).
@@ -975,15 +989,8 @@ class DDPM(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self._step(batch, "test")
 
-    @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # EMA with a warm-up (the effective decay grows as 1 - 1/(step + 1) early on)
-        step = self.global_step
-        decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
-        for p_ema, p in zip(self.ema.parameters(), self.model.parameters()):
-            p_ema.lerp_(p, 1 - decay)
-        for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
-            b_ema.copy_(b)
+        update_ema(self.ema, self.model, self.hparams.ema_decay, self.global_step)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
