@@ -29,6 +29,11 @@ Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval"):
   and the orthogonal part, its norm clipped at ``r``, with momentum ``beta``;
 - ``rescale``: Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps Are Flawed",
   sec. 3.4: the guided x0 rescaled to the conditional x0's standard deviation, mixed with weight ``phi``.
+- ``auto``, ``auto-u``: Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself":
+  ``b + s (c - b)`` with ``b`` the conditional (``auto``) or null-class (``auto-u``) eps of a weaker
+  model, ``bad=NAME`` (a trained run, or an early snapshot of one, ``train NAME --snapshot K`` saves
+  ``NAME@K``), which must have the same architecture. ``cfg+auto``: ``u + s (c - u) + (w - 1) (c - b)``,
+  both at once.
 
 ``diagnose``: where a trained run loses the class. Real test images (``metrics.real_images``, labels
 known) are noised to ``t`` and then (a) denoised in one step, the conditional model's x_0 estimate,
@@ -81,11 +86,13 @@ class Guided(nn.Module):
 
     def __init__(self, net: nn.Module, alphas_cumprod: Tensor, scale: float, mode: str = "cfg", lo: int = 0,
                  hi: int = 10**9, eta: float = 1.0, r: float | None = None, beta: float = 0.0,
-                 phi: float = 0.0) -> None:  # fmt: skip
+                 phi: float = 0.0, bad: nn.Module | None = None, w: float = 1.0) -> None:  # fmt: skip
         super().__init__()
-        if scale == 1.0 or mode not in ("cfg", "apg", "rescale"):
-            raise SystemExit(f"need scale != 1 and mode in cfg/apg/rescale, got scale {scale}, mode {mode!r}")
-        self.net, self.abar, self.scale, self.mode = net, alphas_cumprod, scale, mode
+        if scale == 1.0 or mode not in ("cfg", "apg", "rescale", "auto", "auto-u", "cfg+auto"):
+            raise SystemExit(f"need scale != 1 and mode in cfg/apg/rescale/auto/auto-u/cfg+auto, got {scale}, {mode!r}")
+        if (bad is None) != (mode not in ("auto", "auto-u", "cfg+auto")):
+            raise SystemExit("modes auto and auto-u need bad=NAME@K (and only they take it)")
+        self.net, self.abar, self.scale, self.mode, self.bad, self.w = net, alphas_cumprod, scale, mode, bad, w
         self.lo, self.hi, self.eta, self.r, self.beta, self.phi = lo, hi, eta, r, beta, phi
         self.num_classes, self.self_condition, self.momentum = net.num_classes, False, None
 
@@ -112,6 +119,11 @@ class Guided(nn.Module):
             g = c
         elif self.mode == "cfg":
             g = D.cfg_mix(c, u, self.scale)
+        elif self.mode in ("auto", "auto-u"):  # autoguidance: the bad model, conditional or null, as u
+            yb = y.chunk(2)[0] if self.mode == "auto" else y.chunk(2)[1]
+            g = D.cfg_mix(c, self.bad(x, t.chunk(2)[0], yb), self.scale)
+        elif self.mode == "cfg+auto":  # both: cfg on the good model, plus (w - 1) (c - b), b conditional
+            g = D.cfg_mix(c, u, self.scale) + (self.w - 1) * (c - self.bad(x, t.chunk(2)[0], y.chunk(2)[0]))
         else:
             abar = self.abar[t0]
             x0g = self.guide_x0(D.predict_x0(c, x, abar), D.predict_x0(u, x, abar))
@@ -197,6 +209,21 @@ def track_emas(model: D.DDPM, decays: list[float]) -> dict[float, nn.Module]:
     return extra
 
 
+def keep_snapshots(model: D.DDPM, steps: list[int], save) -> None:
+    """``--snapshot K ...``: after optimizer step K, ``save(K, ema)`` with the EMA weights as they are then
+    (an early, weaker model of the same run: the "bad version" that autoguidance needs)."""
+    if any(k < 1 for k in steps):
+        raise SystemExit(f"--snapshot steps must be positive, got {steps}")
+    hook, wanted = model.on_train_batch_end, set(steps)
+
+    def on_train_batch_end(outputs, batch, batch_idx: int) -> None:
+        hook(outputs, batch, batch_idx)
+        if model.global_step in wanted:
+            save(model.global_step, model.ema)
+
+    model.on_train_batch_end = on_train_batch_end
+
+
 def score(name: str, x: Tensor, y: Tensor, out: Path, **info) -> None:
     row = dict(name=name, **info, n=len(y), acc=round(metrics.sample_acc(x, y), 4), fd=round(metrics.sample_fd(x), 2))
     print(json.dumps(row), flush=True)
@@ -254,6 +281,9 @@ def main() -> None:
     p.add_argument("--arch", default="base", help="train: base, deep0, deep1 or refine (see build_arch)")
     p.add_argument("--ema", type=float, nargs="+", default=[],
                    help="train: extra EMA decays kept alongside the preset's, each saved and scored as NAME-emaD")
+    p.add_argument("--clip", type=float, default=None, help="train: clip the gradient norm at this value")
+    p.add_argument("--snapshot", type=int, nargs="+", default=[],
+                   help="train: also save the EMA weights after these optimizer steps, as NAME@K")
     p.add_argument("--t", type=int, nargs="+", default=[100, 200, 300, 500], help="diagnose: noise levels")
     p.add_argument("--n", type=int, default=480, help="samples per score (std of acc ~0.016 at 480)")
     p.add_argument("--out", type=Path, default=Path("outputs/ddpm_sweep"))
@@ -270,6 +300,14 @@ def main() -> None:
         model = D.DDPM.from_config(cfg)
         build_arch(model, args.arch)
         extra = track_emas(model, args.ema)
+
+        def save_snapshot(k: int, net: nn.Module) -> None:
+            ckpt = {"overrides": over, "arch": args.arch, "ema": net.state_dict()}
+            torch.save(ckpt, args.out / f"{args.name}@{k}.pt")
+
+        keep_snapshots(model, args.snapshot, save_snapshot)
+        if args.clip is not None:  # the preset trains unclipped
+            model.on_before_optimizer_step = lambda opt: nn.utils.clip_grad_norm_(model.model.parameters(), args.clip)
         t = time.perf_counter()
         D.fit(model, images, labels, cfg.batch_size, cfg.max_steps, "cpu")
         train_s = round(time.perf_counter() - t)
@@ -290,6 +328,11 @@ def main() -> None:
         preset += ",lo={},hi={}".format(*cfg.guidance_interval)
     for spec in args.variant or [preset]:
         kw = parse_pairs(spec.split(","))
+        if "bad" in kw:  # a snapshot (train --snapshot) or any trained run, same architecture
+            bad = D.DDPM.from_config(cfg)
+            build_arch(bad, saved.get("arch", "base"))
+            bad.ema.load_state_dict(torch.load(args.out / f"{kw['bad']}.pt")["ema"])
+            kw["bad"] = bad.ema.eval()
         net = Guided(model.ema.eval(), model.schedule.alphas_cumprod, **kw)
         x, y, secs = draw(net, model, cfg, args.n, kw["scale"])
         score(args.name, x, y, args.out, variant=spec, sample_s=round(secs))
