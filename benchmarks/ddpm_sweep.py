@@ -62,7 +62,9 @@ import torch
 from torch import Tensor, nn
 
 from minivfm import metrics
+from minivfm.data.shapes import DEFAULT_COLORS, SHAPES
 from minivfm.models import ddpm as D
+from minivfm.nn import timestep_embedding
 
 
 def parse_pairs(pairs: list[str]) -> dict:
@@ -86,13 +88,17 @@ class Guided(nn.Module):
 
     def __init__(self, net: nn.Module, alphas_cumprod: Tensor, scale: float, mode: str = "cfg", lo: int = 0,
                  hi: int = 10**9, eta: float = 1.0, r: float | None = None, beta: float = 0.0,
-                 phi: float = 0.0, bad: nn.Module | None = None, w: float = 1.0) -> None:  # fmt: skip
+                 phi: float = 0.0, bad: nn.Module | None = None, w: float = 1.0, cls: nn.Module | None = None,
+                 chi: int = 10**9) -> None:  # fmt: skip
         super().__init__()
-        if scale == 1.0 or mode not in ("cfg", "apg", "rescale", "auto", "auto-u", "cfg+auto"):
-            raise SystemExit(f"need scale != 1 and mode in cfg/apg/rescale/auto/auto-u/cfg+auto, got {scale}, {mode!r}")
+        if scale == 1.0 or mode not in ("cfg", "apg", "rescale", "auto", "auto-u", "cfg+auto", "cfg+cls"):
+            raise SystemExit(f"need scale != 1, a mode in cfg/apg/rescale/auto/auto-u/cfg+auto/cfg+cls, got {mode!r}")
+        if (cls is None) != (mode != "cfg+cls"):
+            raise SystemExit("mode cfg+cls needs cls=NAME (a classifier from the classifier command), and only it")
         if (bad is None) != (mode not in ("auto", "auto-u", "cfg+auto")):
             raise SystemExit("modes auto and auto-u need bad=NAME@K (and only they take it)")
         self.net, self.abar, self.scale, self.mode, self.bad, self.w = net, alphas_cumprod, scale, mode, bad, w
+        self.cls, self.chi = cls, chi
         self.lo, self.hi, self.eta, self.r, self.beta, self.phi = lo, hi, eta, r, beta, phi
         self.num_classes, self.self_condition, self.momentum = net.num_classes, False, None
 
@@ -122,6 +128,14 @@ class Guided(nn.Module):
         elif self.mode in ("auto", "auto-u"):  # autoguidance: the bad model, conditional or null, as u
             yb = y.chunk(2)[0] if self.mode == "auto" else y.chunk(2)[1]
             g = D.cfg_mix(c, self.bad(x, t.chunk(2)[0], yb), self.scale)
+        elif self.mode == "cfg+cls":  # ADM's eps - w sqrt(1 - a) grad log p(y | x_t) (at t < chi), on top of cfg
+            g = D.cfg_mix(c, u, self.scale)
+            if t0 < self.chi:
+                with torch.enable_grad():
+                    xg = x.detach().requires_grad_(True)
+                    logp = self.cls(xg, t.chunk(2)[0]).log_softmax(1).gather(1, y.chunk(2)[0][:, None]).sum()
+                    grad = torch.autograd.grad(logp, xg)[0]
+                g = g - self.w * (1 - self.abar[t0]).sqrt() * grad
         elif self.mode == "cfg+auto":  # both: cfg on the good model, plus (w - 1) (c - b), b conditional
             g = D.cfg_mix(c, u, self.scale) + (self.w - 1) * (c - self.bad(x, t.chunk(2)[0], y.chunk(2)[0]))
         else:
@@ -165,6 +179,59 @@ class Refine(nn.Module):
         h = self.norm(self.conv1(torch.cat([x, eps], dim=1))) * (1 + scale) + shift
         h = self.conv2(torch.nn.functional.silu(h))
         return eps + self.conv3(torch.nn.functional.silu(h))
+
+
+class NoisyClassifier(nn.Module):
+    """p(y | x_t, t) for classifier guidance (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs", sec. 4):
+    the U-Net's down path (FiLM residual blocks conditioned on the timestep only), mean- and max-pooled,
+    a linear head. Trained by ``classifier`` on the DDPM's own training images, never on the reference
+    classifier's."""
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), num_classes: int = 12, emb_dim: int = 128,
+                 patch: int = 2) -> None:  # fmt: skip
+        super().__init__()
+        self.patch, self.c0 = patch, channels[0]
+        self.time_embed = nn.Sequential(nn.Linear(channels[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(3 * patch * patch, channels[0], 3, padding=1)
+        self.blocks, self.downs, prev = nn.ModuleList(), nn.ModuleList(), channels[0]
+        for i, ch in enumerate(channels):
+            self.blocks.append(D.ResBlock(prev, ch, emb_dim))
+            last = i == len(channels) - 1
+            self.downs.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+            prev = ch
+        self.norm, self.head = nn.GroupNorm(8, prev), nn.Linear(2 * prev, num_classes)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        emb = self.time_embed(timestep_embedding(t, self.c0))  # (B, E)
+        h = self.stem(torch.nn.functional.pixel_unshuffle(x, self.patch))  # (B, c0, H/p, W/p)
+        for block, down in zip(self.blocks, self.downs):
+            h = down(block(h, emb))
+        h = torch.nn.functional.silu(self.norm(h))
+        return self.head(torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1))  # (B, K) logits
+
+
+def train_classifier(cfg: D.DDPMConfig, steps: int, t_max: int, seed: int, batch_size: int = 128,
+                     lr: float = 2e-3) -> NoisyClassifier:  # fmt: skip
+    """Cross-entropy on the DDPM's training images noised to t ~ U[0, t_max), flips, one-cycle lr."""
+    torch.manual_seed(seed)
+    images, labels = D.shapes_tensors(cfg.num_train, cfg.image_size, seed=0)
+    sched, net = D.NoiseSchedule(cfg.num_steps, cfg.schedule), NoisyClassifier(num_classes=cfg.num_classes)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    lrs = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randint(0, len(images), (batch_size,), generator=g)
+        x, y = images[idx], labels[idx]
+        x = torch.where((torch.rand(batch_size, generator=g) < 0.5)[:, None, None, None], x.flip(-1), x)
+        t = torch.randint(0, t_max, (batch_size,), generator=g)
+        loss = torch.nn.functional.cross_entropy(net(sched.add_noise(x, torch.randn(x.shape, generator=g), t), t), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lrs.step()
+        if (step + 1) % 500 == 0:
+            print(json.dumps(dict(step=step + 1, loss=round(loss.item(), 4))), flush=True)
+    return net.eval().requires_grad_(False)
 
 
 def build_arch(model: D.DDPM, arch: str) -> None:
@@ -224,8 +291,29 @@ def keep_snapshots(model: D.DDPM, steps: list[int], save) -> None:
     model.on_train_batch_end = on_train_batch_end
 
 
+def print_losses(model: D.DDPM, every: int = 500) -> None:
+    """Prints the mean training loss of every ``every`` optimizer steps (a loss spike shows up here)."""
+    hook, losses = model.on_train_batch_end, []
+
+    def on_train_batch_end(outputs, batch, batch_idx: int) -> None:
+        hook(outputs, batch, batch_idx)
+        losses.append(float(outputs["loss"]))
+        if model.global_step % every == 0:
+            print(json.dumps(dict(step=model.global_step, loss=round(sum(losses) / len(losses), 5))), flush=True)
+            losses.clear()
+
+    model.on_train_batch_end = on_train_batch_end
+
+
+def shape_acc(x: Tensor, y: Tensor) -> dict[str, float]:
+    """``sample_acc`` split by the shape asked for (label = shape * colours + colour): which shape is lost."""
+    pred, per = metrics.reference_predict(x), len(DEFAULT_COLORS)
+    return {s: round((pred[y // per == i] == y[y // per == i]).float().mean().item(), 3) for i, s in enumerate(SHAPES)}
+
+
 def score(name: str, x: Tensor, y: Tensor, out: Path, **info) -> None:
-    row = dict(name=name, **info, n=len(y), acc=round(metrics.sample_acc(x, y), 4), fd=round(metrics.sample_fd(x), 2))
+    row = dict(name=name, **info, n=len(y), acc=round(metrics.sample_acc(x, y), 4), fd=round(metrics.sample_fd(x), 2),
+               by_shape=shape_acc(x, y))  # fmt: skip
     print(json.dumps(row), flush=True)
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -272,7 +360,7 @@ def diagnose(net: nn.Module, model: D.DDPM, cfg: D.DDPMConfig, n: int, ts: list[
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=("train", "guide", "diagnose"))
+    p.add_argument("command", choices=("train", "guide", "diagnose", "classifier"))
     p.add_argument("name", help="train: the run's name; guide: the name of a trained run")
     p.add_argument("overrides", nargs="*", help="DDPMConfig fields, key=value")
     p.add_argument("--variant", action="append", default=[],
@@ -284,6 +372,8 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=None, help="train: clip the gradient norm at this value")
     p.add_argument("--snapshot", type=int, nargs="+", default=[],
                    help="train: also save the EMA weights after these optimizer steps, as NAME@K")
+    p.add_argument("--steps", type=int, default=4000, help="classifier: optimizer steps")
+    p.add_argument("--t-max", type=int, default=500, help="classifier: trained on t < t_max")
     p.add_argument("--t", type=int, nargs="+", default=[100, 200, 300, 500], help="diagnose: noise levels")
     p.add_argument("--n", type=int, default=480, help="samples per score (std of acc ~0.016 at 480)")
     p.add_argument("--out", type=Path, default=Path("outputs/ddpm_sweep"))
@@ -292,6 +382,21 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     over = parse_pairs(args.overrides)
     ckpt = args.out / f"{args.name}.pt"
+    if args.command == "classifier":  # NAME: the classifier's name; guide cls=NAME uses it
+        cfg = replace(D.DDPMConfig.preset("cpu"), **over)
+        net = train_classifier(cfg, args.steps, args.t_max, args.seed)
+        torch.save({"state": net.state_dict(), "t_max": args.t_max}, ckpt)
+        x0, y = metrics.real_images(args.n, "test")
+        sched, g = D.NoiseSchedule(cfg.num_steps, cfg.schedule), torch.Generator().manual_seed(2)
+        for t0 in args.t:
+            t = torch.full((args.n,), t0)
+            with torch.no_grad():
+                pred = net(sched.add_noise(x0, torch.randn(x0.shape, generator=g), t), t).argmax(1)
+            row = dict(name=args.name, classifier_t=t0, acc=round((pred == y).float().mean().item(), 4))
+            print(json.dumps(row), flush=True)
+            with open(args.out / "results.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return
     saved = torch.load(ckpt) if args.command != "train" else {"overrides": {}}
     cfg = replace(D.DDPMConfig.preset("cpu"), **{**saved["overrides"], **over})
     if args.command == "train":
@@ -306,6 +411,7 @@ def main() -> None:
             torch.save(ckpt, args.out / f"{args.name}@{k}.pt")
 
         keep_snapshots(model, args.snapshot, save_snapshot)
+        print_losses(model)
         if args.clip is not None:  # the preset trains unclipped
             model.on_before_optimizer_step = lambda opt: nn.utils.clip_grad_norm_(model.model.parameters(), args.clip)
         t = time.perf_counter()
@@ -333,6 +439,11 @@ def main() -> None:
             build_arch(bad, saved.get("arch", "base"))
             bad.ema.load_state_dict(torch.load(args.out / f"{kw['bad']}.pt")["ema"])
             kw["bad"] = bad.ema.eval()
+        if "cls" in kw:  # a noise-aware classifier from the classifier command
+            state = torch.load(args.out / f"{kw['cls']}.pt")["state"]
+            kw["cls"] = NoisyClassifier(num_classes=cfg.num_classes)
+            kw["cls"].load_state_dict(state)
+            kw["cls"].eval().requires_grad_(False)
         net = Guided(model.ema.eval(), model.schedule.alphas_cumprod, **kw)
         x, y, secs = draw(net, model, cfg, args.n, kw["scale"])
         score(args.name, x, y, args.out, variant=spec, sample_s=round(secs))
