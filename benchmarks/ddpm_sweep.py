@@ -352,7 +352,7 @@ def diagnose(net: nn.Module, model: D.DDPM, cfg: D.DDPMConfig, n: int, ts: list[
                                 use_clipped_model_output=True)  # fmt: skip
         mse = float((x0_hat - x0).pow(2).mean())
         row = dict(name=name, diagnose_t=t0, n=n, x0_acc=round(metrics.sample_acc(x0_hat, y), 4), x0_mse=round(mse, 5),
-                   sdedit_acc=round(metrics.sample_acc(x, y), 4))  # fmt: skip
+                   sdedit_acc=round(metrics.sample_acc(x, y), 4), sdedit_by_shape=shape_acc(x, y))  # fmt: skip
         print(json.dumps(row), flush=True)
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
