@@ -1,6 +1,6 @@
 """Guided ``sample_acc`` and ``sample_fd`` of the cpu DDPM, for training knobs and guidance variants.
 
-Three commands, all on one CPU thread so that two runs can share a 2-core machine:
+Four commands, all on one CPU thread so that two runs can share a 2-core machine:
 
 ``train``: the ``cpu`` preset (``DDPMConfig.preset("cpu")``) with overrides, trained exactly as
 ``minivfm results ddpm`` trains it (``DDPM.from_config``, ``fit``; seed 0 unless ``--seed``); saves the EMA weights
@@ -14,6 +14,11 @@ of training on an idle core of the faster 2-core machine (base 658-741 s), 36-50
     python benchmarks/ddpm_sweep.py train seed1 --seed 1      # the run-to-run spread
     python benchmarks/ddpm_sweep.py train refine --arch refine  # U-Net variants: see build_arch
     python benchmarks/ddpm_sweep.py train base-e --ema 0.99 0.998  # more EMA decays, scored on the same run
+    python benchmarks/ddpm_sweep.py train ag0 --snapshot 1000 2000  # also keeps ag0@1000.pt, ag0@2000.pt
+    python benchmarks/ddpm_sweep.py train w64-lr1 "channels=(64, 128)" lr=1e-3 --clip 1.0  # clip: grad norm
+
+Every score also splits ``sample_acc`` by the shape asked for (``by_shape``), and training prints its
+mean loss every 500 steps.
 
 ``guide``: loads a checkpoint from ``train`` and scores guidance variants with the library's own
 ``sample_ddim`` (so thresholding and the eps re-derivation are unchanged). About 80 s a variant::
@@ -33,7 +38,16 @@ Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval"):
   ``b + s (c - b)`` with ``b`` the conditional (``auto``) or null-class (``auto-u``) eps of a weaker
   model, ``bad=NAME`` (a trained run, or an early snapshot of one, ``train NAME --snapshot K`` saves
   ``NAME@K``), which must have the same architecture. ``cfg+auto``: ``u + s (c - u) + (w - 1) (c - b)``,
-  both at once.
+  both at once;
+- ``cfg+cls``: Dhariwal & Nichol 2021 (classifier guidance, Algorithm 2 in eps form) on top of ``cfg``:
+  ``u + s (c - u) - w sqrt(1 - a_t) grad log p(y | x_t)`` at ``t < chi``, with ``p`` the noise-aware
+  classifier ``cls=NAME`` that the ``classifier`` command trains.
+
+``classifier``: trains that classifier (``NoisyClassifier``) on the DDPM's training images noised to
+``t < --t-max`` and prints its accuracy on noised real test images at each ``--t``. About 6 minutes::
+
+    python benchmarks/ddpm_sweep.py classifier cls500 --steps 4000 --t-max 500 --t 0 100 200 300 500
+    python benchmarks/ddpm_sweep.py guide base --variant mode=cfg+cls,scale=8,lo=0,hi=850,cls=cls500,w=10,chi=500
 
 ``diagnose``: where a trained run loses the class. Real test images (``metrics.real_images``, labels
 known) are noised to ``t`` and then (a) denoised in one step, the conditional model's x_0 estimate,
@@ -96,7 +110,7 @@ class Guided(nn.Module):
         if (cls is None) != (mode != "cfg+cls"):
             raise SystemExit("mode cfg+cls needs cls=NAME (a classifier from the classifier command), and only it")
         if (bad is None) != (mode not in ("auto", "auto-u", "cfg+auto")):
-            raise SystemExit("modes auto and auto-u need bad=NAME@K (and only they take it)")
+            raise SystemExit("modes auto, auto-u and cfg+auto need bad=NAME (and only they take it)")
         self.net, self.abar, self.scale, self.mode, self.bad, self.w = net, alphas_cumprod, scale, mode, bad, w
         self.cls, self.chi = cls, chi
         self.lo, self.hi, self.eta, self.r, self.beta, self.phi = lo, hi, eta, r, beta, phi
@@ -213,6 +227,8 @@ class NoisyClassifier(nn.Module):
 def train_classifier(cfg: D.DDPMConfig, steps: int, t_max: int, seed: int, batch_size: int = 128,
                      lr: float = 2e-3) -> NoisyClassifier:  # fmt: skip
     """Cross-entropy on the DDPM's training images noised to t ~ U[0, t_max), flips, one-cycle lr."""
+    if steps < 40 or not 0 < t_max <= cfg.num_steps:
+        raise SystemExit(f"classifier needs --steps >= 40 and 0 < --t-max <= {cfg.num_steps}, got {steps}, {t_max}")
     torch.manual_seed(seed)
     images, labels = D.shapes_tensors(cfg.num_train, cfg.image_size, seed=0)
     sched, net = D.NoiseSchedule(cfg.num_steps, cfg.schedule), NoisyClassifier(num_classes=cfg.num_classes)
