@@ -272,6 +272,19 @@ def build_arch(model: D.DDPM, arch: str) -> None:
     model.ema.requires_grad_(False)
 
 
+def after_each_step(model: D.DDPM, fn) -> None:
+    """Calls ``fn(outputs)`` after every optimizer step, once the module's own ``on_train_batch_end`` (its EMA
+    update) has run. ``D.fit`` builds its own Trainer, so the sweep chains onto the module's hook instead of
+    passing Lightning callbacks."""
+    hook = model.on_train_batch_end
+
+    def on_train_batch_end(outputs, batch, batch_idx: int) -> None:
+        hook(outputs, batch, batch_idx)
+        fn(outputs)
+
+    model.on_train_batch_end = on_train_batch_end
+
+
 def track_emas(model: D.DDPM, decays: list[float]) -> dict[float, nn.Module]:
     """Extra EMA copies of ``model.model`` with other decays (``--ema``), updated after every optimizer step
     by the library's ``update_ema``, as ``DDPM.on_train_batch_end`` updates ``model.ema``: one training run
@@ -281,14 +294,12 @@ def track_emas(model: D.DDPM, decays: list[float]) -> dict[float, nn.Module]:
     if any(not 0 < d < 1 for d in decays):
         raise SystemExit(f"--ema decays must be in (0, 1), got {decays}")
     extra = {d: copy.deepcopy(model.ema) for d in decays}
-    hook = model.on_train_batch_end
 
-    def on_train_batch_end(outputs, batch, batch_idx: int) -> None:
-        hook(outputs, batch, batch_idx)
+    def update(outputs) -> None:
         for d, ema in extra.items():
             D.update_ema(ema, model.model, d, model.global_step)
 
-    model.on_train_batch_end = on_train_batch_end
+    after_each_step(model, update)
     return extra
 
 
@@ -297,28 +308,26 @@ def keep_snapshots(model: D.DDPM, steps: list[int], save) -> None:
     (an early, weaker model of the same run: the "bad version" that autoguidance needs)."""
     if any(k < 1 for k in steps):
         raise SystemExit(f"--snapshot steps must be positive, got {steps}")
-    hook, wanted = model.on_train_batch_end, set(steps)
+    wanted = set(steps)
 
-    def on_train_batch_end(outputs, batch, batch_idx: int) -> None:
-        hook(outputs, batch, batch_idx)
+    def snapshot(outputs) -> None:
         if model.global_step in wanted:
             save(model.global_step, model.ema)
 
-    model.on_train_batch_end = on_train_batch_end
+    after_each_step(model, snapshot)
 
 
 def print_losses(model: D.DDPM, every: int = 500) -> None:
     """Prints the mean training loss of every ``every`` optimizer steps (a loss spike shows up here)."""
-    hook, losses = model.on_train_batch_end, []
+    losses = []
 
-    def on_train_batch_end(outputs, batch, batch_idx: int) -> None:
-        hook(outputs, batch, batch_idx)
+    def log(outputs) -> None:
         losses.append(float(outputs["loss"]))
         if model.global_step % every == 0:
             print(json.dumps(dict(step=model.global_step, loss=round(sum(losses) / len(losses), 5))), flush=True)
             losses.clear()
 
-    model.on_train_batch_end = on_train_batch_end
+    after_each_step(model, log)
 
 
 def shape_acc(x: Tensor, y: Tensor) -> dict[str, float]:
