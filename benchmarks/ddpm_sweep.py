@@ -16,6 +16,8 @@ of training on an idle core of the faster 2-core machine (base 658-741 s), 36-50
     python benchmarks/ddpm_sweep.py train base-e --ema 0.99 0.998  # more EMA decays, scored on the same run
     python benchmarks/ddpm_sweep.py train ag0 --snapshot 1000 2000  # also keeps ag0@1000.pt, ag0@2000.pt
     python benchmarks/ddpm_sweep.py train w64-lr1 "channels=(64, 128)" lr=1e-3 --clip 1.0  # clip: grad norm
+    python benchmarks/ddpm_sweep.py train factor --arch factor  # shape + colour class embedding
+    python benchmarks/ddpm_sweep.py train d4 --d4  # every training image in its 8 flips and quarter turns
 
 Every score also splits ``sample_acc`` by the shape asked for (``by_shape``), and training prints its
 mean loss every 500 steps.
@@ -42,6 +44,10 @@ Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval"):
 - ``cfg+cls``: Dhariwal & Nichol 2021 (classifier guidance, Algorithm 2 in eps form) on top of ``cfg``:
   ``u + s (c - u) - w sqrt(1 - a_t) grad log p(y | x_t)`` at ``t < chi``, with ``p`` the noise-aware
   classifier ``cls=NAME`` that the ``classifier`` command trains.
+- ``neg``, ``cfg+neg``, ``cfg+negall``: steering away from the classes most often confused with y
+  (negative prompting). ``n`` is the mean eps of the other shapes of y's colour (``neg``, ``cfg+neg``)
+  or of every other class (``cfg+negall``); ``neg`` is ``n + s (c - n)``, the others
+  ``u + s (c - u) + (w - 1) (c - n)``.
 
 ``classifier``: trains that classifier (``NoisyClassifier``) on the DDPM's training images noised to
 ``t < --t-max`` and prints its accuracy on noised real test images at each ``--t``. About 6 minutes::
@@ -105,8 +111,9 @@ class Guided(nn.Module):
                  phi: float = 0.0, bad: nn.Module | None = None, w: float = 1.0, cls: nn.Module | None = None,
                  chi: int = 10**9) -> None:  # fmt: skip
         super().__init__()
-        if scale == 1.0 or mode not in ("cfg", "apg", "rescale", "auto", "auto-u", "cfg+auto", "cfg+cls"):
-            raise SystemExit(f"need scale != 1, a mode in cfg/apg/rescale/auto/auto-u/cfg+auto/cfg+cls, got {mode!r}")
+        modes = ("cfg", "apg", "rescale", "auto", "auto-u", "cfg+auto", "cfg+cls", "neg", "cfg+neg", "cfg+negall")
+        if scale == 1.0 or mode not in modes:
+            raise SystemExit(f"need scale != 1, a mode in {'/'.join(modes)}, got {mode!r}")
         if (cls is None) != (mode != "cfg+cls"):
             raise SystemExit("mode cfg+cls needs cls=NAME (a classifier from the classifier command), and only it")
         if (bad is None) != (mode not in ("auto", "auto-u", "cfg+auto")):
@@ -132,6 +139,17 @@ class Guided(nn.Module):
         par = ((diff.flatten(1) * unit).sum(1, keepdim=True) * unit).view_as(diff)
         return x0c + (s - 1) * (diff - par + self.eta * par)
 
+    def negative(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """The mean eps of the classes to steer away from: the other shapes of y's colour (``neg``,
+        ``cfg+neg``), or every other class (``cfg+negall``)."""
+        per, k = len(DEFAULT_COLORS), self.num_classes
+        if self.mode == "cfg+negall":
+            others = [(y + j) % k for j in range(1, k)]
+        else:
+            others = [((y // per + j) % len(SHAPES)) * per + y % per for j in range(1, len(SHAPES))]
+        eps = self.net(x.repeat(len(others), 1, 1, 1), t.repeat(len(others)), torch.cat(others))
+        return eps.view(len(others), *x.shape).mean(0)
+
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         c, u = self.net(x, t, y).chunk(2)
         x, t0 = x.chunk(2)[0], int(t[0])
@@ -150,6 +168,12 @@ class Guided(nn.Module):
                     logp = self.cls(xg, t.chunk(2)[0]).log_softmax(1).gather(1, y.chunk(2)[0][:, None]).sum()
                     grad = torch.autograd.grad(logp, xg)[0]
                 g = g - self.w * (1 - self.abar[t0]).sqrt() * grad
+        elif self.mode in ("neg", "cfg+neg", "cfg+negall"):  # contrast with the other classes
+            n = self.negative(x, t.chunk(2)[0], y.chunk(2)[0])
+            if self.mode == "neg":
+                g = D.cfg_mix(c, n, self.scale)
+            else:
+                g = D.cfg_mix(c, u, self.scale) + (self.w - 1) * (c - n)
         elif self.mode == "cfg+auto":  # both: cfg on the good model, plus (w - 1) (c - b), b conditional
             g = D.cfg_mix(c, u, self.scale) + (self.w - 1) * (c - self.bad(x, t.chunk(2)[0], y.chunk(2)[0]))
         else:
@@ -193,6 +217,23 @@ class Refine(nn.Module):
         h = self.norm(self.conv1(torch.cat([x, eps], dim=1))) * (1 + scale) + shift
         h = self.conv2(torch.nn.functional.silu(h))
         return eps + self.conv3(torch.nn.functional.silu(h))
+
+
+class FactorEmbed(nn.Module):
+    """``--arch factor``: the class embedding as a shape embedding plus a colour embedding
+    (label = shape * colours + colour), so every colour's images train the same "square";
+    the null class keeps an embedding of its own."""
+
+    def __init__(self, num_classes: int, dim: int, per: int = len(DEFAULT_COLORS)) -> None:
+        super().__init__()
+        self.k, self.per = num_classes, per
+        self.shape, self.colour = nn.Embedding(num_classes // per, dim), nn.Embedding(per, dim)
+        self.null = nn.Parameter(torch.randn(dim))
+
+    def forward(self, y: Tensor) -> Tensor:
+        real = y.clamp(max=self.k - 1)
+        e = (self.shape(real // self.per) + self.colour(real % self.per)) / 2**0.5
+        return torch.where((y == self.k)[:, None], self.null, e)
 
 
 class NoisyClassifier(nn.Module):
@@ -265,6 +306,8 @@ def build_arch(model: D.DDPM, arch: str) -> None:
             net.to(memory_format=torch.channels_last)
         elif arch == "refine":
             net = Refine(net)
+        elif arch == "factor":
+            net.class_embed = FactorEmbed(net.num_classes, net.class_embed.embedding_dim)
         else:
             raise SystemExit(f"unknown --arch {arch!r}")
         setattr(model, name, net)
@@ -391,9 +434,11 @@ def main() -> None:
     p.add_argument("--variant", action="append", default=[],
                    help="guide: mode=...,scale=...[,lo=,hi=,eta=,r=,beta=,phi=]")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="train: the training seed (init, batches, noise)")
-    p.add_argument("--arch", default="base", help="train: base, deep0, deep1 or refine (see build_arch)")
+    p.add_argument("--arch", default="base", help="train: base, deep0, deep1, refine or factor (see build_arch)")
     p.add_argument("--ema", type=float, nargs="+", default=[],
                    help="train: extra EMA decays kept alongside the preset's, each saved and scored as NAME-emaD")
+    p.add_argument("--d4", action="store_true",
+                   help="train: the 8 flips and quarter turns of every training image (the data are symmetric)")
     p.add_argument("--clip", type=float, default=None, help="train: clip the gradient norm at this value")
     p.add_argument("--snapshot", type=int, nargs="+", default=[],
                    help="train: also save the EMA weights after these optimizer steps, as NAME@K")
@@ -427,6 +472,10 @@ def main() -> None:
     if args.command == "train":
         L.seed_everything(args.seed, workers=True)
         images, labels = D.shapes_tensors(cfg.num_train, cfg.image_size, seed=0)
+        if args.d4:
+            turns = [images.rot90(k, (2, 3)) for k in range(4)]
+            images = torch.cat(turns + [x.flip(-1) for x in turns]).contiguous()
+            labels = labels.repeat(8)
         model = D.DDPM.from_config(cfg)
         build_arch(model, args.arch)
         extra = track_emas(model, args.ema)
