@@ -18,6 +18,7 @@ of training on an idle core of the faster 2-core machine (base 658-741 s), 36-50
     python benchmarks/ddpm_sweep.py train w64-lr1 "channels=(64, 128)" lr=1e-3 --clip 1.0  # clip: grad norm
     python benchmarks/ddpm_sweep.py train factor --arch factor  # shape + colour class embedding
     python benchmarks/ddpm_sweep.py train d4 --d4  # every training image in its 8 flips and quarter turns
+    python benchmarks/ddpm_sweep.py train edge4 --edge 4  # loss on shape-outline pixels weighted 1 + 4
 
 Every score also splits ``sample_acc`` by the shape asked for (``by_shape``), and training prints its
 mean loss every 500 steps.
