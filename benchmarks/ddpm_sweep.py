@@ -1,6 +1,6 @@
 """Guided ``sample_acc`` and ``sample_fd`` of the cpu DDPM, for training knobs and guidance variants.
 
-Four commands, all on one CPU thread so that two runs can share a 2-core machine:
+Five commands, all on one CPU thread so that two runs can share a 2-core machine:
 
 ``train``: the ``cpu`` preset (``DDPMConfig.preset("cpu")``) with overrides, trained exactly as
 ``minivfm results ddpm`` trains it (``DDPM.from_config``, ``fit``; seed 0 unless ``--seed``); saves the EMA weights
@@ -64,6 +64,12 @@ clamped to [-1, 1] (``x0_acc``, ``x0_mse``), and (b) carried back to t = 0 by th
 the model loses on that stretch of the chain. About 2 minutes for the default list::
 
     python benchmarks/ddpm_sweep.py diagnose base --t 100 200 300 500
+
+``implicit``: whether the model itself tells the shapes apart (see ``implicit``): the share of real test
+images whose true shape gives the smallest eps error among the three shape labels of their colour,
+at each ``--t``, with ``--draws`` noises per image. About 1 minute a ``t`` for the preset::
+
+    python benchmarks/ddpm_sweep.py implicit base --t 50 100 200 300 500 700
 
 Each line of output is also appended to ``OUT/results.jsonl``.
 """
@@ -458,9 +464,39 @@ def diagnose(net: nn.Module, model: D.DDPM, cfg: D.DDPMConfig, n: int, ts: list[
             f.write(json.dumps(row) + "\n")
 
 
+@torch.no_grad()
+def implicit(net: nn.Module, model: D.DDPM, n: int, ts: list[int], draws: int, out: Path, name: str) -> None:
+    """Does the model itself tell the shapes apart? Its implicit classifier (Li et al. 2023, "Your Diffusion
+    Model is Secretly a Zero-Shot Classifier"): real test images noised to ``t`` (``draws`` noises each), the
+    conditional eps error under each of the three shape labels of the true colour, and the label with the
+    smallest mean error taken as the model's answer. Chance is 1/3; a model that ignores the shape
+    label for squares and circles has no preference between them."""
+    sched, net = model.schedule, net.eval()
+    x0, y = metrics.real_images(n, "test")
+    per, g = len(DEFAULT_COLORS), torch.Generator().manual_seed(3)
+    cands = torch.stack([s * per + y % per for s in range(len(SHAPES))], 1)  # (N, 3)
+    for t0 in ts:
+        if not 0 <= t0 < model.hparams.num_steps:
+            raise SystemExit(f"--t must be in [0, {model.hparams.num_steps}), got {t0}")
+        tt, err = torch.full((n,), t0, dtype=torch.long), torch.zeros(n, len(SHAPES))
+        for _ in range(draws):
+            eps = torch.randn(x0.shape, generator=g)
+            x = sched.add_noise(x0, eps, tt)
+            for j in range(len(SHAPES)):
+                err[:, j] += (net(x, tt, cands[:, j]) - eps).pow(2).flatten(1).mean(1)
+        right = err.argmin(1) == y // per
+        gap = (err.gather(1, (y // per)[:, None])[:, 0] - err.min(1).values) / draws
+        row = dict(name=name, implicit_t=t0, n=n, draws=draws, acc=round(right.float().mean().item(), 4),
+                   by_shape={s: round(right[y // per == i].float().mean().item(), 3) for i, s in enumerate(SHAPES)},
+                   mean_gap=float(f"{gap.mean().item():.3g}"))  # fmt: skip
+        print(json.dumps(row), flush=True)
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=("train", "guide", "diagnose", "classifier"))
+    p.add_argument("command", choices=("train", "guide", "diagnose", "classifier", "implicit"))
     p.add_argument("name", help="train: the run's name; guide: the name of a trained run")
     p.add_argument("overrides", nargs="*", help="DDPMConfig fields, key=value")
     p.add_argument("--variant", action="append", default=[],
@@ -479,6 +515,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4000, help="classifier: optimizer steps")
     p.add_argument("--t-max", type=int, default=500, help="classifier: trained on t < t_max")
     p.add_argument("--t", type=int, nargs="+", default=[100, 200, 300, 500], help="diagnose: noise levels")
+    p.add_argument("--draws", type=int, default=4, help="implicit: noise draws per image and t")
     p.add_argument("--n", type=int, default=480, help="samples per score (std of acc ~0.016 at 480)")
     p.add_argument("--out", type=Path, default=Path("outputs/ddpm_sweep"))
     args = p.parse_intermixed_args()  # options may come after the key=value overrides, or before them
@@ -540,6 +577,9 @@ def main() -> None:
     model.ema.load_state_dict(saved["ema"])
     if args.command == "diagnose":
         diagnose(model.ema, model, cfg, args.n, args.t, args.out, args.name)
+        return
+    if args.command == "implicit":
+        implicit(model.ema, model, args.n, args.t, args.draws, args.out, args.name)
         return
     preset = f"mode=cfg,scale={cfg.guidance_scale}"  # the preset's guidance, as the train score draws it
     if cfg.guidance_interval is not None:
