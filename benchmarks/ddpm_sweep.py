@@ -19,6 +19,7 @@ of training on an idle core of the faster 2-core machine (base 658-741 s), 36-50
     python benchmarks/ddpm_sweep.py train factor --arch factor  # shape + colour class embedding
     python benchmarks/ddpm_sweep.py train d4 --d4  # every training image in its 8 flips and quarter turns
     python benchmarks/ddpm_sweep.py train edge4 --edge 4  # loss on shape-outline pixels weighted 1 + 4
+    python benchmarks/ddpm_sweep.py train angle --angle  # told the largest shape's rotation (a diagnostic)
 
 Every score also splits ``sample_acc`` by the shape asked for (``by_shape``), and training prints its
 mean loss every 500 steps.
@@ -332,19 +333,57 @@ def edge_maps(num: int, image_size: int) -> Tensor:
     return (hi != -nn.functional.max_pool2d(-m, 3, 1, 1)).float()
 
 
-def weight_edges(model: D.DDPM, edge_weight: float) -> None:
-    """``--edge W``: the training loss weights the pixels of ``edge_maps`` by ``1 + W`` (the maps ride along
-    as a fourth image channel). The library's step, with the per-pixel weight inside the Min-SNR weighted
-    mean. Outline pixels are a few percent of an image, so the plain loss spends almost nothing on
-    whether a corner is square or round."""
+def angle_features(angle: Tensor) -> Tensor:
+    """Rotation-table indices ``(N,)`` (``Shapes``: 1536 steps a turn) -> ``(N, 4)``: cos and sin of 4 and 3
+    times the angle, the rotation of a square (a quarter turn) and of a triangle (a third)."""
+    th = angle.float() * (2 * torch.pi / 1536)
+    return torch.stack([torch.cos(4 * th), torch.sin(4 * th), torch.cos(3 * th), torch.sin(3 * th)], 1)
+
+
+class AngleEmbed(nn.Module):
+    """``--angle``: the class embedding plus a linear map of ``angle_features`` of the largest shape, which
+    the caller sets in ``feats`` before each forward. Sampling draws the angle uniformly, as the data do,
+    so p(x | y) is unchanged: a diagnostic of whether being told the pose lets the U-Net draw squares."""
+
+    def __init__(self, base: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.base, self.lin, self.feats = base, nn.Linear(4, dim), None
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.base(y) + self.lin(self.feats)
+
+
+class WithAngles(nn.Module):
+    """An ``--angle`` model for ``sample_ddim``: each of the ``n`` samples keeps one uniformly drawn angle
+    (seeded) through every step, for its conditional and null halves alike."""
+
+    def __init__(self, net: nn.Module, n: int, seed: int = 5) -> None:
+        super().__init__()
+        self.net, self.num_classes, self.self_condition = net, net.num_classes, False
+        self.feats = angle_features(torch.randint(0, 1536, (n,), generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, x_self_cond: Tensor | None = None) -> Tensor:
+        self.net.class_embed.feats = self.feats.repeat(len(x) // len(self.feats), 1)
+        return self.net(x, t, y)
+
+
+def packed_step(model: D.DDPM, edge_weight: float | None, angle: bool) -> None:
+    """The library's training step for images that carry extra channels: ``edge_maps`` (``--edge W``: the
+    loss on those pixels weighted by ``1 + W``; outline pixels are a few percent of an image, so the plain
+    loss spends almost nothing on whether a corner is square or round), then ``angle_features`` (``--angle``,
+    constant over the image). Same timesteps, noise, label dropout and Min-SNR weight as ``DDPM._step``."""
     hp, sched = model.hparams, model.schedule
 
     def step(batch: dict, stage: str) -> Tensor:
-        x0, edge, y = batch["image"][:, :3], batch["image"][:, 3:], batch["label"].long()
+        x0, extra, y = batch["image"][:, :3], batch["image"][:, 3:], batch["label"].long()
         t = D.sample_timesteps(len(y), hp.num_steps, hp.t_sampling, split_t=hp.t_split, low_fraction=hp.t_low_fraction)
         eps = torch.randn_like(x0)
         y = D.drop_labels(y, hp.p_uncond, hp.num_classes)
-        err = (model.model(sched.add_noise(x0, eps, t), t, y) - eps).pow(2) * (1 + edge_weight * edge)
+        if angle:
+            model.model.class_embed.feats = extra[:, -4:, 0, 0]
+        err = (model.model(sched.add_noise(x0, eps, t), t, y) - eps).pow(2)
+        if edge_weight is not None:
+            err = err * (1 + edge_weight * extra[:, :1])
         w = 1.0 if hp.min_snr_gamma is None else D.min_snr_weight(sched.alphas_cumprod, t, hp.min_snr_gamma)
         loss = (w * err.flatten(1).mean(1)).mean()
         model.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=len(y))
@@ -508,7 +547,9 @@ def main() -> None:
     p.add_argument("--d4", action="store_true",
                    help="train: the 8 flips and quarter turns of every training image (the data are symmetric)")
     p.add_argument("--edge", type=float, default=None,
-                   help="train: weight the loss on the pixels along shape outlines by 1 + EDGE (see weight_edges)")
+                   help="train: weight the loss on the pixels along shape outlines by 1 + EDGE (see packed_step)")
+    p.add_argument("--angle", action="store_true",
+                   help="train: also condition on the largest shape's rotation (AngleEmbed)")
     p.add_argument("--clip", type=float, default=None, help="train: clip the gradient norm at this value")
     p.add_argument("--snapshot", type=int, nargs="+", default=[],
                    help="train: also save the EMA weights after these optimizer steps, as NAME@K")
@@ -545,14 +586,27 @@ def main() -> None:
         images, labels = D.shapes_tensors(cfg.num_train, cfg.image_size, seed=0)
         if args.edge is not None:
             images = torch.cat([images, edge_maps(cfg.num_train, cfg.image_size)], dim=1)
+        if args.angle:
+            from minivfm.data import Shapes
+
+            scene = Shapes(cfg.num_train, image_size=cfg.image_size, seed=0)._scene(torch.arange(cfg.num_train).numpy())
+            feats = angle_features(torch.as_tensor(scene["angle"][:, 0]))
+            images = torch.cat([images, feats[:, :, None, None].expand(-1, -1, *images.shape[2:])], dim=1)
+        if args.d4 and args.angle:
+            raise SystemExit("--d4 turns the images but not their --angle features")
         if args.d4:
             turns = [images.rot90(k, (2, 3)) for k in range(4)]
             images = torch.cat(turns + [x.flip(-1) for x in turns]).contiguous()
             labels = labels.repeat(8)
         model = D.DDPM.from_config(cfg)
         build_arch(model, args.arch)
-        if args.edge is not None:
-            weight_edges(model, args.edge)
+        if args.angle:
+            for net in (model.model, model.ema):
+                torch.manual_seed(1234)  # the same added layer in both copies
+                net.class_embed = AngleEmbed(net.class_embed, net.class_embed.embedding_dim)
+            model.ema.load_state_dict(model.model.state_dict())
+        if args.edge is not None or args.angle:
+            packed_step(model, args.edge, args.angle)
         extra = track_emas(model, args.ema)
 
         def save_snapshot(k: int, net: nn.Module) -> None:
@@ -567,11 +621,15 @@ def main() -> None:
         D.fit(model, images, labels, cfg.batch_size, cfg.max_steps, "cpu")
         train_s = round(time.perf_counter() - t)
         for name, net in [(args.name, model.ema)] + [(f"{args.name}-ema{d}", e) for d, e in extra.items()]:
-            torch.save({"overrides": over, "arch": args.arch, "ema": net.state_dict()}, args.out / f"{name}.pt")
-            x, y, secs = draw(net, model, cfg, args.n, cfg.guidance_scale, cfg.guidance_interval)
+            torch.save({"overrides": over, "arch": args.arch, "angle": args.angle, "ema": net.state_dict()},
+                       args.out / f"{name}.pt")  # fmt: skip
+            x, y, secs = draw(WithAngles(net, args.n) if args.angle else net, model, cfg, args.n, cfg.guidance_scale,
+                              cfg.guidance_interval)  # fmt: skip
             score(name, x, y, args.out, overrides=str(over), seed=args.seed, scale=cfg.guidance_scale, train_s=train_s,
                   sample_s=round(secs))  # fmt: skip
         return
+    if saved.get("angle"):
+        raise SystemExit(f"{args.name} was trained with --angle: only train scores it")
     model = D.DDPM.from_config(cfg)
     build_arch(model, saved.get("arch", "base"))
     model.ema.load_state_dict(saved["ema"])
