@@ -592,8 +592,8 @@ def main() -> None:
             scene = Shapes(cfg.num_train, image_size=cfg.image_size, seed=0)._scene(torch.arange(cfg.num_train).numpy())
             feats = angle_features(torch.as_tensor(scene["angle"][:, 0]))
             images = torch.cat([images, feats[:, :, None, None].expand(-1, -1, *images.shape[2:])], dim=1)
-        if args.d4 and args.angle:
-            raise SystemExit("--d4 turns the images but not their --angle features")
+        if args.angle and (args.d4 or args.arch != "base"):
+            raise SystemExit("--angle goes with --arch base and without --d4 (which turns images, not angles)")
         if args.d4:
             turns = [images.rot90(k, (2, 3)) for k in range(4)]
             images = torch.cat(turns + [x.flip(-1) for x in turns]).contiguous()
@@ -605,12 +605,13 @@ def main() -> None:
                 torch.manual_seed(1234)  # the same added layer in both copies
                 net.class_embed = AngleEmbed(net.class_embed, net.class_embed.embedding_dim)
             model.ema.load_state_dict(model.model.state_dict())
+            model.ema.requires_grad_(False)
         if args.edge is not None or args.angle:
             packed_step(model, args.edge, args.angle)
         extra = track_emas(model, args.ema)
 
         def save_snapshot(k: int, net: nn.Module) -> None:
-            ckpt = {"overrides": over, "arch": args.arch, "ema": net.state_dict()}
+            ckpt = {"overrides": over, "arch": args.arch, "angle": args.angle, "ema": net.state_dict()}
             torch.save(ckpt, args.out / f"{args.name}@{k}.pt")
 
         keep_snapshots(model, args.snapshot, save_snapshot)
