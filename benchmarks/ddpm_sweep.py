@@ -457,12 +457,17 @@ def shape_acc(x: Tensor, y: Tensor) -> dict[str, float]:
     return {s: round((pred[y // per == i] == y[y // per == i]).float().mean().item(), 3) for i, s in enumerate(SHAPES)}
 
 
-def score(name: str, x: Tensor, y: Tensor, out: Path, **info) -> None:
-    row = dict(name=name, **info, n=len(y), acc=round(metrics.sample_acc(x, y), 4), fd=round(metrics.sample_fd(x), 2),
-               by_shape=shape_acc(x, y))  # fmt: skip
+def report(row: dict, out: Path) -> None:
+    """Prints ``row`` as one JSON line and appends it to ``OUT/results.jsonl``."""
     print(json.dumps(row), flush=True)
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def score(name: str, x: Tensor, y: Tensor, out: Path, **info) -> None:
+    row = dict(name=name, **info, n=len(y), acc=round(metrics.sample_acc(x, y), 4), fd=round(metrics.sample_fd(x), 2),
+               by_shape=shape_acc(x, y))  # fmt: skip
+    report(row, out)
 
 
 def draw(net: nn.Module, model: D.DDPM, cfg: D.DDPMConfig, n: int, scale: float,
@@ -499,9 +504,7 @@ def diagnose(net: nn.Module, model: D.DDPM, cfg: D.DDPMConfig, n: int, ts: list[
         mse = float((x0_hat - x0).pow(2).mean())
         row = dict(name=name, diagnose_t=t0, n=n, x0_acc=round(metrics.sample_acc(x0_hat, y), 4), x0_mse=round(mse, 5),
                    sdedit_acc=round(metrics.sample_acc(x, y), 4), sdedit_by_shape=shape_acc(x, y))  # fmt: skip
-        print(json.dumps(row), flush=True)
-        with open(out / "results.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        report(row, out)
 
 
 @torch.no_grad()
@@ -529,9 +532,7 @@ def implicit(net: nn.Module, model: D.DDPM, n: int, ts: list[int], draws: int, o
         row = dict(name=name, implicit_t=t0, n=n, draws=draws, acc=round(right.float().mean().item(), 4),
                    by_shape={s: round(right[y // per == i].float().mean().item(), 3) for i, s in enumerate(SHAPES)},
                    mean_gap=float(f"{gap.mean().item():.3g}"))  # fmt: skip
-        print(json.dumps(row), flush=True)
-        with open(out / "results.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        report(row, out)
 
 
 def main() -> None:
@@ -576,9 +577,7 @@ def main() -> None:
             with torch.no_grad():
                 pred = net(sched.add_noise(x0, torch.randn(x0.shape, generator=g), t), t).argmax(1)
             row = dict(name=args.name, classifier_t=t0, acc=round((pred == y).float().mean().item(), 4))
-            print(json.dumps(row), flush=True)
-            with open(args.out / "results.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            report(row, args.out)
         return
     saved = torch.load(ckpt) if args.command != "train" else {"overrides": {}}
     cfg = replace(D.DDPMConfig.preset("cpu"), **{**saved["overrides"], **over})
