@@ -582,6 +582,8 @@ def main() -> None:
     saved = torch.load(ckpt) if args.command != "train" else {"overrides": {}}
     cfg = replace(D.DDPMConfig.preset("cpu"), **{**saved["overrides"], **over})
     if args.command == "train":
+        if args.angle and (args.d4 or args.arch != "base"):
+            raise SystemExit("--angle goes with --arch base and without --d4 (which turns images, not angles)")
         L.seed_everything(args.seed, workers=True)
         images, labels = D.shapes_tensors(cfg.num_train, cfg.image_size, seed=0)
         if args.edge is not None:
@@ -592,8 +594,6 @@ def main() -> None:
             scene = Shapes(cfg.num_train, image_size=cfg.image_size, seed=0)._scene(torch.arange(cfg.num_train).numpy())
             feats = angle_features(torch.as_tensor(scene["angle"][:, 0]))
             images = torch.cat([images, feats[:, :, None, None].expand(-1, -1, *images.shape[2:])], dim=1)
-        if args.angle and (args.d4 or args.arch != "base"):
-            raise SystemExit("--angle goes with --arch base and without --d4 (which turns images, not angles)")
         if args.d4:
             turns = [images.rot90(k, (2, 3)) for k in range(4)]
             images = torch.cat(turns + [x.flip(-1) for x in turns]).contiguous()
