@@ -10,6 +10,7 @@ References:
     Peebles & Xie 2023, "Scalable Diffusion Models with Transformers" (adaLN-Zero, DiT).
     He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners" (2-D sin-cos positions).
     Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (sinusoidal timestep embedding).
+    Xiao et al. 2021, "Early Convolutions Help Transformers See Better" (the convolutional stem).
     timm: https://github.com/huggingface/pytorch-image-models (layers/, vision_transformer.py)
 
 Shape glossary: B batch, N tokens, D width, H heads, Dh = D / H head width,
@@ -29,6 +30,7 @@ __all__ = [
     "Mlp",
     "Block",
     "PatchEmbed",
+    "ConvStem",
     "sincos_pos_embed_2d",
     "sincos_embed_1d",
     "timestep_embedding",
@@ -243,6 +245,38 @@ class PatchEmbed(nn.Module):
         if (H, W) != self.image_size:
             raise ValueError(f"images are {H}x{W}, expected image_size={self.image_size[0]}x{self.image_size[1]}")
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class ConvStem(PatchEmbed):
+    """A convolutional stem in place of the patch projection (Xiao et al. 2021): log2(P) 3x3
+    stride-2 convolutions with BatchNorm and ReLU, then a 1x1 convolution to D. It returns the same
+    ``(B, N, D)`` tokens on the same ``(H / P, W / P)`` grid as :class:`PatchEmbed`, but each token
+    sees a little across its patch's border and the stem brings a convolution's locality and
+    translation equivariance, which a small ViT on little data otherwise has to learn.
+    The widths double up to D: D / 2^(k-1), ..., D / 2, with k = log2(P) convolutions.
+
+    Arguments: as :class:`PatchEmbed`; ``patch_size`` must be a power of two (>= 2).
+    """
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 32,
+        patch_size: int = 8,
+        in_chans: int = 3,
+        embed_dim: int = 192,
+    ) -> None:
+        super().__init__(image_size, patch_size, in_chans, embed_dim)
+        k = patch_size.bit_length() - 1
+        if patch_size < 2 or patch_size != 2**k:
+            raise ValueError(f"ConvStem needs a power-of-two patch_size >= 2, got {patch_size}")
+        widths = [max(8, embed_dim // 2 ** (k - 1 - i)) for i in range(k)]  # e.g. D/4, D/2, D for P = 8
+        layers: list[nn.Module] = []
+        cin = in_chans
+        for width in widths:
+            layers += [nn.Conv2d(cin, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            cin = width
+        layers.append(nn.Conv2d(cin, embed_dim, kernel_size=1))
+        self.proj = nn.Sequential(*layers)
 
 
 def sincos_embed_1d(positions: Tensor, dim: int) -> Tensor:

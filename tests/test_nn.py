@@ -10,6 +10,7 @@ import torch
 from minivfm.nn import (
     Attention,
     Block,
+    ConvStem,
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
@@ -141,6 +142,33 @@ def test_patch_embed_errors() -> None:
         pe(torch.randn(2, 3, 28, 28))
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         pe(torch.randn(3, 32, 32))
+
+
+def test_conv_stem_shapes_widths_and_errors() -> None:
+    stem = ConvStem(image_size=32, patch_size=8, in_chans=3, embed_dim=64)
+    assert stem.grid_size == (4, 4) and stem.num_patches == 16
+    convs = [m for m in stem.proj if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 32, 64, 64]  # three 3x3 stride-2 convs, then 1x1
+    assert [c.stride for c in convs] == [(2, 2)] * 3 + [(1, 1)]
+    assert stem(torch.randn(2, 3, 32, 32)).shape == (2, 16, 64)
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        ConvStem(image_size=24, patch_size=6)
+    with pytest.raises(ValueError, match="in_chans=3"):
+        stem(torch.randn(2, 1, 32, 32))  # the same input checks as PatchEmbed
+
+
+def test_conv_stem_sees_across_patches_and_patch_embed_does_not() -> None:
+    """The conv stem's token for a patch changes when a neighbouring patch changes; the patch
+    projection's does not (why MAE needs the patch stem: the conv stem would leak masked pixels)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    y = x.clone()
+    y[:, :, 8:16, 8:16] += 1.0  # patch (1, 1) of a 4x4 grid, token 5
+    for stem, leaks in ((ConvStem(32, 8, 3, 16).eval(), True), (PatchEmbed(32, 8, 3, 16), False)):
+        with torch.no_grad():
+            changed = (stem(x) - stem(y)).abs().amax(-1)[0] > 1e-6  # (N,)
+        assert changed[5]
+        assert bool(changed[[4, 6, 1, 9]].any()) == leaks, type(stem).__name__
 
 
 def test_sincos_pos_embed_2d_matches_mae() -> None:

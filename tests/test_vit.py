@@ -16,6 +16,7 @@ from minivfm.models.vit import (
     unpatchify,
     warmup_cosine,
 )
+from minivfm.nn import ConvStem
 
 
 def tiny_vit(**kw) -> ViT:
@@ -102,6 +103,17 @@ def test_vit_gradients_reach_every_parameter() -> None:
     vit(torch.randn(2, 3, 16, 16)).logsumexp(-1).sum().backward()
     for name, p in vit.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_conv_stem_vit_learns_and_gets_gradients() -> None:
+    torch.manual_seed(0)
+    vit = ViT(image_size=16, patch_size=4, num_classes=5, embed_dim=32, depth=2, num_heads=2, stem="conv")
+    assert isinstance(vit.patch_embed, ConvStem) and vit.pos_embed.shape == (1, 17, 32)
+    vit(torch.randn(2, 3, 16, 16)).logsumexp(-1).sum().backward()
+    for name, p in vit.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="stem must be one of"):
+        ViT(image_size=16, patch_size=4, stem="hmlp")
 
 
 def test_vit_determinism() -> None:
