@@ -21,6 +21,7 @@ from minivfm.course.notebook import (
     SANITIZE_CFG,
     NotebookError,
     cell_id,
+    cell_info,
     cell_role,
     read_notebook,
     reads_notebook,
@@ -31,6 +32,7 @@ from minivfm.course.notebook import (
 )
 
 HERE = Path(__file__).parent
+ROOT = HERE.parent
 SOLUTIONS = HERE / "fixtures" / "solutions"
 FIXTURE = SOLUTIONS / "00_fixture.ipynb"
 FULL = {"add": 2, "scale": 1, "warmup": 1}
@@ -136,7 +138,7 @@ def test_validate_cells_names_the_broken_cell(edit, problem):
 # ------------------------------------------------------------------- build
 
 
-def test_build_stubs_exercises_and_keeps_check_outputs(tmp_path):
+def test_build_stubs_exercises_and_clears_every_output(tmp_path):
     assert build.main(["--source", str(SOLUTIONS), "--dest", str(tmp_path / "lessons")]) == 0
     solution, lesson = read_notebook(FIXTURE), read_notebook(tmp_path / "lessons" / FIXTURE.name)
     assert len(lesson.cells) == len(solution.cells)
@@ -153,16 +155,41 @@ def test_build_stubs_exercises_and_keeps_check_outputs(tmp_path):
         else:
             assert les.source == sol.source
         if role == "check":
-            assert les.outputs == sol.outputs and les.outputs  # students self-check against these
-            assert les.execution_count == sol.execution_count  # nbval needs a count on stored outputs
-        else:
-            assert les.outputs == [] and les.execution_count is None
+            assert sol.outputs  # the fixture's check cells have outputs to leak
+        # no ✓ lines before the student writes code: check cells are cleared too
+        assert les.outputs == [] and les.execution_count is None
     add = exercises(lesson)["add"].source
     assert add == 'def add(a, b):\n    """Return a + b."""\n    # YOUR CODE HERE\n    raise NotImplementedError()'
     assert lesson.metadata == solution.metadata
     # the solution regions do not leak anywhere into the lesson file
     text = (tmp_path / "lessons" / FIXTURE.name).read_text(encoding="utf-8")
     assert "return a + b" not in text and "out.append(k * x)" not in text
+
+
+def test_generated_lessons_have_no_outputs_in_check_cells():
+    """Every lesson built from the real solutions: a student opening it sees no ✓ before writing code."""
+    solutions = build.solution_notebooks(ROOT / "solutions")
+    assert solutions, "no solutions/ to build from"
+    for path in solutions:
+        solution = read_notebook(path)
+        lesson = build.build_lesson(solution, str(path))
+        for sol, les in zip(solution.cells, lesson.cells):
+            if cell_role(les) != "check":
+                continue
+            assert sol.outputs, f"{path.name}: check cell {cell_info(sol)} has no stored outputs to grade against"
+            assert les.outputs == [], f"{path.name}: check cell {cell_info(les)} keeps stored outputs"
+            assert les.execution_count is None, f"{path.name}: check cell {cell_info(les)} keeps a count"
+
+
+def test_grading_takes_check_outputs_from_the_reference_not_the_lesson():
+    """The lesson has no expected outputs, the merged notebook has the reference's."""
+    solution = read_notebook(FIXTURE)
+    lesson = build.build_lesson(solution)
+    merged = grade.merge_submission(solution, lesson)
+    for ref, les, out in zip(solution.cells, lesson.cells, merged.cells):
+        if cell_role(ref) == "check":
+            assert ref.outputs and les.outputs == []
+            assert out.outputs == ref.outputs and out.execution_count is not None
 
 
 def test_build_is_deterministic_and_idempotent(tmp_path, capsys):

@@ -5,9 +5,12 @@ the same notebook with
 
 - every ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` region of an exercise
   cell replaced by ``# YOUR CODE HERE`` and ``raise NotImplementedError()``;
-- outputs and execution counts cleared, except in check cells, which keep
-  their stored outputs (and execution counts: nbval refuses a cell that has
-  outputs but no execution count) so that students can self-check with nbval;
+- outputs and execution counts cleared in every code cell, check cells
+  included: a student opening a lesson sees no ✓ lines before writing any
+  code. The expected outputs stay in ``solutions/``, where the grader takes
+  check cells and their outputs from; a student who runs nbval on a lesson
+  still sees each failing check, which raises ``AssertionError`` (nbval runs a
+  cell with no execution count without comparing its outputs);
 - all metadata kept (the grader maps cells by ``metadata.minivfm``), except
   volatile per-cell timing metadata (``execution``, ``ExecuteTime``).
 
@@ -73,12 +76,10 @@ def build_lesson(solution: NotebookNode, name: str = "<notebook>") -> NotebookNo
             cell.metadata.pop(key, None)
         if cell.cell_type != "code":
             continue
-        role = cell_role(cell)
-        if role == "exercise":
+        if cell_role(cell) == "exercise":
             cell.source = stub_source(cell.source, f"{name}: cell {i}")
-        if role != "check":
-            cell.outputs = []
-            cell.execution_count = None
+        cell.outputs = []  # check cells too: no ✓ before the student has written anything
+        cell.execution_count = None
     return lesson
 
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     """``minivfm course build [--check] [--source DIR] [--dest DIR]``; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="minivfm course build",
-        description="Write lessons/ from solutions/: solution regions stubbed, outputs cleared except in check cells.",
+        description="Write lessons/ from solutions/: solution regions stubbed, all outputs cleared.",
     )
     parser.add_argument(
         "--source", type=Path, default=None, help="solution notebooks (default: solutions/ in the repo root)"
