@@ -23,6 +23,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from minivfm.profiles import configure_threads
+
 COURSE_COMMANDS = {
     "course": "minivfm course build [--check]: write lessons/ from solutions/",
     "grade": "minivfm grade SUBMISSION.ipynb [...]: grade notebooks against the reference solutions",
@@ -139,8 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     # wandb is optional and offline unless the user says otherwise; it never asks for a login.
     os.environ.setdefault("WANDB_MODE", "offline")
     if argv and argv[0] in COURSE_COMMANDS:
+        if argv[0] == "results":
+            configure_threads()
         handler = {"course": _course, "grade": _grade, "results": _results}[argv[0]]
         return handler(argv[1:])
+    if not any(a in ("-h", "--help") or a.startswith("--print_config") for a in argv):
+        configure_threads()
     _lightning_cli(argv)
     return 0
 

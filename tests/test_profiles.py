@@ -32,3 +32,55 @@ def test_pick(monkeypatch):
     assert pick(ci=1, cpu=2, gpu=3, name="gpu") == 3
     assert pick(ci=1, cpu=2, name="gpu") == 2  # gpu falls back to cpu
     assert minivfm.pick(ci="a", cpu="b", name="cpu") == "b"
+
+
+@pytest.fixture
+def restore_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_configure_threads_uses_the_idle_cores(monkeypatch, restore_threads, capsys):
+    import torch
+
+    monkeypatch.delenv("MINIVFM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr("minivfm.profiles._busy_cores", lambda: 0.2)
+    assert minivfm.configure_threads() == 4 and torch.get_num_threads() == 4
+    assert capsys.readouterr().out == ""  # nothing to say on an idle machine
+    monkeypatch.setattr("minivfm.profiles._busy_cores", lambda: 1.9)
+    assert minivfm.configure_threads() == 2 and torch.get_num_threads() == 2
+    assert "other processes are busy" in capsys.readouterr().out
+    monkeypatch.setattr("minivfm.profiles._busy_cores", lambda: 7.0)
+    assert minivfm.configure_threads() == 1  # never fewer than one
+    monkeypatch.setattr("minivfm.profiles._busy_cores", lambda: None)  # no /proc/stat: all cores
+    assert minivfm.configure_threads() == 4
+
+
+def test_configure_threads_respects_the_user(monkeypatch, restore_threads):
+    import torch
+
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr("minivfm.profiles._busy_cores", lambda: 3.0)
+    monkeypatch.setenv("MINIVFM_THREADS", "3")
+    assert minivfm.configure_threads() == 3
+    assert minivfm.configure_threads(2) == 2  # an explicit count wins over the variable
+    assert minivfm.configure_threads(16) == 4  # capped at the cores
+    monkeypatch.setenv("MINIVFM_THREADS", "many")
+    with pytest.raises(ValueError, match="MINIVFM_THREADS='many'"):
+        minivfm.configure_threads()
+    monkeypatch.delenv("MINIVFM_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    assert minivfm.configure_threads() == 1  # OMP_NUM_THREADS set by the user: left alone
+
+
+def test_busy_cores_reads_proc_stat() -> None:
+    from minivfm.profiles import _busy_cores
+
+    busy = _busy_cores(0.05)
+    assert busy is None or -0.01 <= busy <= (__import__("os").cpu_count() or 1) + 0.01
