@@ -406,7 +406,8 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the conditioning vector as a per-channel scale and shift
-    (FiLM, as in Improved DDPM's "adaptive group norm"), and a residual connection."""
+    after the second GroupNorm (FiLM; the adaptive group normalization, AdaGN, of Dhariwal & Nichol 2021,
+    "Diffusion Models Beat GANs on Image Synthesis"), and a residual connection."""
 
     def __init__(self, cin: int, cout: int, emb_dim: int) -> None:
         super().__init__()

@@ -13,7 +13,8 @@ Learning", NeurIPS 2017.
     - nearest-code lookup, eq. 1-2: ``z_q(x) = e_k``, ``k = argmin_j ||z_e(x) - e_j||``
     - the straight-through estimator (section 3.2): the decoder's gradient is
       copied from ``z_q`` to ``z_e``
-    - the loss, eq. 3: ``log p(x|z_q) + ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2``
+    - the loss, eq. 3: ``log p(x|z_q) + ||sg[z_e] - e||^2 + commitment ||z_e - sg[e]||^2``
+      (the paper's beta; lesson 01 writes gamma, since beta is the VAE's KL weight)
     Reference code: https://github.com/google-deepmind/sonnet (``vqvae.py``).
 
 The VAE's latent is a small spatial map, ``(B, latent_channels, H/4, W/4)``
@@ -97,7 +98,7 @@ class VQVAEConfig:
     channels: tuple[int, ...] = (32, 64)
     embed_dim: int = 16  # D, the dimension of one code
     num_codes: int = 64  # K, the codebook size
-    commitment: float = 0.25  # beta in eq. 3 of van den Oord et al.
+    commitment: float = 0.25  # the commitment weight: beta in eq. 3 of van den Oord et al., gamma in lesson 01
     lr: float = 2e-3
     batch_size: int = 64
     max_epochs: int = 8
@@ -441,7 +442,7 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def tokenize(self, x: Tensor) -> Tensor:
-        """Images -> code indices ``(B, h, w)``: the tokens an autoregressive prior (DALL-E) predicts."""
+        """Images -> code indices ``(B, h, w)``: the tokens a prior over tokens (a PixelCNN, a transformer) predicts."""
         return self.quantizer(self.encode(x))[1]
 
     @torch.no_grad()
