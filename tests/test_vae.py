@@ -283,6 +283,99 @@ def test_dead_codes_are_restarted_on_encoder_outputs(tmp_path):
     assert used > 1 / 8
 
 
+# -- lesson checks ----------------------------------------------------------------------------------------
+
+
+def _nearest(z, codebook):
+    flat = z.reshape(-1, z.shape[-1])
+    dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)
+    return dist.argmin(dim=1).reshape(z.shape[:-1])
+
+
+def _rep_crashes_on_none(mu, logvar, noise=None):  # right with noise given, never draws its own
+    return mu + torch.exp(0.5 * logvar) * noise
+
+
+def _rep_no_default(mu, logvar, noise):  # the documented default noise=None is missing
+    return mu + torch.exp(0.5 * logvar) * noise
+
+
+def _rep_wrong_noise_shape(mu, logvar, noise=None):  # draws noise of a shape of its own
+    if noise is None:
+        noise = torch.randn(mu.shape[-1])[:2]
+    return mu + torch.exp(0.5 * logvar) * noise
+
+
+def _rep_uniform_noise(mu, logvar, noise=None):
+    if noise is None:
+        noise = torch.rand_like(mu)
+    return mu + torch.exp(0.5 * logvar) * noise
+
+
+def _rep_no_noise(mu, logvar, noise=None):  # noise=None silently means no noise
+    if noise is None:
+        return mu + 0 * logvar
+    return mu + torch.exp(0.5 * logvar) * noise
+
+
+def _q_gradient_to_codebook(z, codebook):  # right values and gradient to z, but the codebook gets one too
+    e = codebook[_nearest(z, codebook)]
+    return e + (z - z.detach()), _nearest(z, codebook)
+
+
+def _q_no_straight_through(z, codebook):  # z_q = e: the gradient reaches the codebook, not z
+    indices = _nearest(z, codebook)
+    return codebook[indices], indices
+
+
+def _q_flat_indices(z, codebook):  # forgets to reshape the indices back to z.shape[:-1]
+    indices = _nearest(z, codebook)
+    return z + (codebook[indices] - z).detach(), indices.flatten()
+
+
+def _q_broadcasting(z, codebook):  # distances without flattening z: a broadcasting error inside
+    dist = (z[:, None] - codebook).pow(2).sum(-1)
+    indices = dist.argmin(1)
+    return z + (codebook[indices] - z).detach(), indices
+
+
+def test_vae_checks_pass_the_library(capsys):
+    from minivfm.course.checks import vae as checks
+
+    state = torch.random.get_rng_state()
+    checks.check_reparameterize(reparameterize)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the noise=None path leaves the global RNG alone
+    checks.check_kl_divergence(kl_divergence)
+    checks.check_elbo_loss(elbo_loss)
+    checks.check_quantize(quantize)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("✓ ") for line in lines), lines
+
+
+WRONG_IMPLEMENTATIONS = [  # (check, a wrong implementation, what its failure message must say)
+    ("check_reparameterize", _rep_crashes_on_none, r"without noise \(noise=None\) raised TypeError.*randn_like"),
+    ("check_reparameterize", _rep_no_default, r"raised TypeError.*noise=None"),
+    ("check_reparameterize", _rep_wrong_noise_shape, r"noise=None.*raised RuntimeError.*the shape of mu"),
+    ("check_reparameterize", _rep_uniform_noise, r"expected about 0 and 1.*randn_like"),
+    ("check_reparameterize", _rep_no_noise, r"no noise was drawn.*randn_like"),
+    ("check_quantize", _q_gradient_to_codebook, r"gradient of z_q reaches the codebook.*\(e - z\)\.detach\(\)"),
+    ("check_quantize", _q_no_straight_through, r"no gradient reaches the encoder output z.*straight-through"),
+    ("check_quantize", _q_flat_indices, r"expected shape \(4, 6, 6\), got \(144\)\. Hint: .*z\.shape\[:-1\]"),
+    ("check_quantize", _q_broadcasting, r"raised RuntimeError.*Hint: .*reshape\(-1, D\)"),
+]
+
+
+@pytest.mark.parametrize(
+    "check, wrong, message", WRONG_IMPLEMENTATIONS, ids=[w.__name__[1:] for _, w, _ in WRONG_IMPLEMENTATIONS]
+)
+def test_vae_checks_fail_wrong_implementations_with_a_hint(check, wrong, message):
+    from minivfm.course.checks import vae as checks
+
+    with pytest.raises(AssertionError, match=message) as err:
+        getattr(checks, check)(wrong)
+    assert "Hint:" in str(err.value)
+
+
 @pytest.mark.slow
 def test_vae_learns_shapes_better_than_the_mean_image(tmp_path):
     from minivfm.data import Shapes, collate
