@@ -63,7 +63,7 @@ def _lightning_cli(argv: list[str]) -> None:
 
     class MiniVFMCLI(LightningCLI):
         """LightningCLI that takes epochs from the model's profile preset and, after ``fit``,
-        tests the best checkpoint and draws figures."""
+        tests the trained model and draws figures."""
 
         def instantiate_trainer(self, **kwargs):
             trainer_cfg = self._get(self.config_init, "trainer", default={})
@@ -78,8 +78,8 @@ def _lightning_cli(argv: list[str]) -> None:
             if getattr(trainer, "fast_dev_run", False) or not trainer.is_global_zero and trainer.world_size > 1:
                 return
             dm = self.datamodule
-            ckpt = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
-            results = trainer.test(model, datamodule=dm, ckpt_path=ckpt, verbose=False) if dm is not None else []
+            # the final weights, as `minivfm results` measures them (the best-on-validation checkpoint is saved too)
+            results = trainer.test(model, datamodule=dm, verbose=False) if dm is not None else []
             for key, value in (results[0] if results else {}).items():
                 print(f"{key} = {value:.4f}")
             if trainer.is_global_zero:
