@@ -58,19 +58,28 @@ def _results(argv: list[str]) -> int:
     return results.main(argv)
 
 
-def _lightning_cli(argv: list[str]) -> None:
+def _cli_class():
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.utilities.model_helpers import is_overridden
 
     class MiniVFMCLI(LightningCLI):
-        """LightningCLI that takes epochs from the model's profile preset and, after ``fit``,
-        tests the trained model and draws figures."""
+        """LightningCLI that links the data's sizes into the model, takes epochs or steps from the
+        model's preset and, after ``fit``, tests the trained model and draws the figures that suit it."""
+
+        def add_arguments_to_parser(self, parser) -> None:
+            # every DataModule knows these right after __init__; a model that lacks one ignores it
+            for source, target in LINKS:
+                parser.link_arguments(source, f"model.init_args.{target}", apply_on="instantiate")
 
         def instantiate_trainer(self, **kwargs):
             trainer_cfg = self._get(self.config_init, "trainer", default={})
-            epochs = getattr(self.model, "hparams", {}).get("max_epochs")
+            hparams = getattr(self.model, "hparams", {})
             unset = trainer_cfg.get("max_epochs") is None and trainer_cfg.get("max_steps", -1) in (None, -1)
-            if epochs and unset and "max_epochs" not in kwargs:
-                kwargs["max_epochs"] = int(epochs)
+            if unset and "max_epochs" not in kwargs and "max_steps" not in kwargs:
+                if hparams.get("max_steps"):  # models that train by optimizer steps (the DDPM)
+                    kwargs.update(max_steps=int(hparams["max_steps"]), max_epochs=-1)
+                elif hparams.get("max_epochs"):
+                    kwargs["max_epochs"] = int(hparams["max_epochs"])
             return super().instantiate_trainer(**kwargs)
 
         def after_fit(self) -> None:
@@ -79,13 +88,26 @@ def _lightning_cli(argv: list[str]) -> None:
                 return
             dm = self.datamodule
             # the final weights, as `minivfm results` measures them (the best-on-validation checkpoint is saved too)
-            results = trainer.test(model, datamodule=dm, verbose=False) if dm is not None else []
-            for key, value in (results[0] if results else {}).items():
-                print(f"{key} = {value:.4f}")
+            if dm is not None and is_overridden("test_step", model):
+                for key, value in (trainer.test(model, datamodule=dm, verbose=False) or [{}])[0].items():
+                    print(f"{key} = {value:.4f}")
             if trainer.is_global_zero:
                 _write_figures(trainer, model, dm)
 
-    MiniVFMCLI(
+    return MiniVFMCLI
+
+
+# (DataModule property, model argument); the ViT keeps timm's name for its channels
+LINKS = (
+    ("data.num_classes", "num_classes"),
+    ("data.in_channels", "in_channels"),
+    ("data.in_channels", "in_chans"),
+    ("data.image_size", "image_size"),
+)
+
+
+def _cli_kwargs(argv: list[str], **kw) -> dict:
+    return dict(
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
@@ -98,42 +120,112 @@ def _lightning_cli(argv: list[str]) -> None:
         },
         parser_kwargs={"description": DESCRIPTION},
         args=argv,
+        **kw,
     )
 
 
+def _lightning_cli(argv: list[str]) -> None:
+    import warnings
+
+    # `minivfm` hands LightningCLI its own arguments on purpose
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    _cli_class()(**_cli_kwargs(argv))
+
+
+def _print_resolved_config(argv: list[str]) -> None:
+    """``--print_config``, with the values that will be used: the model's arguments filled in from
+    its preset and the linked data sizes, the trainer's epochs or steps, the DataModule's sizes."""
+    import warnings
+
+    import yaml
+
+    args = [a for a in argv if not a.startswith("--print_config")]
+    if args and not args[0].startswith("-"):
+        args = args[1:]  # the subcommand: instantiate without running it
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    cli = _cli_class()(**_cli_kwargs(args, run=False))
+    config = cli.parser.dump(cli.config, format="yaml", skip_none=False, skip_validation=True)
+    config = yaml.safe_load(config)
+    hparams = {k: v for k, v in dict(cli.model.hparams).items() if not k.startswith("_")}
+    config["model"]["init_args"] = {k: list(v) if isinstance(v, tuple) else v for k, v in hparams.items()}
+    trainer = cli.trainer
+    config["trainer"]["max_epochs"] = trainer.max_epochs
+    config["trainer"]["max_steps"] = trainer.max_steps
+    if cli.datamodule is not None and "data" in config:
+        init = config["data"].setdefault("init_args", {})
+        for key in list(init):
+            value = getattr(cli.datamodule, key, None)
+            if init[key] is None and value is not None:
+                init[key] = value
+    print(yaml.safe_dump(config, sort_keys=False), end="")
+
+
 def _write_figures(trainer, model, datamodule) -> None:
-    """Training curves and, for classifiers, a grid of test predictions, into the log dir."""
+    """Training curves and what suits the model, into the log dir: samples and their metrics for
+    generators, reconstructions for autoencoders, a grid of test predictions for classifiers."""
     import torch
 
     from minivfm import viz
 
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)
     written = []
+
+    def save(fig, name: str) -> None:
+        viz.save_figure(fig, log_dir / name)
+        fig.clf()
+        written.append(log_dir / name)
+
     metrics_csv = log_dir / "metrics.csv"
     if metrics_csv.exists():
         try:
-            fig = viz.training_curves(metrics_csv, path=log_dir / "curves.png")
-            written.append(log_dir / "curves.png")
-            fig.clf()
+            save(viz.training_curves(metrics_csv), "curves.png")
         except ValueError:
             pass
-    if datamodule is not None and getattr(model, "hparams", {}).get("num_classes"):
-        batch = next(iter(datamodule.test_dataloader()))
+    model.eval()
+    hparams = getattr(model, "hparams", {})
+    names = list(getattr(datamodule, "class_names", None) or [])
+    batch = next(iter(datamodule.test_dataloader())) if datamodule is not None else None
+    if hasattr(model, "generate"):
+        generator = torch.Generator(device=model.device).manual_seed(0)
+        with torch.no_grad():
+            images, labels = model.generate(int(hparams.get("num_samples") or 256), generator=generator)
+        _print_sample_metrics(images, labels)
+        shown = images[:64]
+        titles = [str(names[int(k)]) for k in labels[:64]] if labels is not None and names else None
+        save(viz.image_grid(shown, nrow=8, titles=titles, title=f"{type(model).__name__} samples"), "samples.png")
+    if batch is not None and hasattr(getattr(model, "model", None), "reconstruct"):
+        x = batch["image"][:16].to(model.device)
+        with torch.no_grad():
+            rec = model.model.reconstruct(x).cpu()
+        grid = torch.cat([x.cpu(), rec])
+        save(viz.image_grid(grid, nrow=16, title="test images (top) and their reconstructions"), "reconstructions.png")
+    if batch is not None and hparams.get("num_classes") and not hasattr(model, "generate"):
         images, labels = batch["image"][:32], batch["label"][:32]
-        model.eval()
         with torch.no_grad():
             pred = model(images.to(model.device)).argmax(-1).cpu()
-        names = list(getattr(datamodule, "class_names", None) or range(int(model.hparams["num_classes"])))
+        names = names or list(range(int(hparams["num_classes"])))
         titles = [str(names[int(p)]) for p in pred]
         colors = ["green" if p == t else "red" for p, t in zip(pred.tolist(), labels.tolist())]
-        viz.image_grid(
-            images, nrow=8, titles=titles, title_colors=colors, path=log_dir / "predictions.png",
+        fig = viz.image_grid(
+            images, nrow=8, titles=titles, title_colors=colors,
             title=f"test predictions (red = wrong), {int((pred == labels).sum())}/{len(labels)} correct",
-        ).clf()
-        written.append(log_dir / "predictions.png")
+        )  # fmt: skip
+        save(fig, "predictions.png")
     ckpts = sorted(log_dir.glob("checkpoints/*.ckpt"))
     for path in ckpts + written:
         print(f"wrote {path}")
+
+
+def _print_sample_metrics(images, labels) -> None:
+    """``sample_fd`` (and, for class-conditional samples, ``sample_acc``) of generated Shapes images."""
+    from minivfm import metrics
+
+    if images.shape[1:] != (3, metrics.IMAGE_SIZE, metrics.IMAGE_SIZE):
+        print(f"no sample metrics: they score 3x{metrics.IMAGE_SIZE}x{metrics.IMAGE_SIZE} Shapes images")
+        return
+    print(f"sample_fd = {metrics.sample_fd(images):.4f}  ({len(images)} samples against real test images)")
+    if labels is not None:
+        print(f"sample_acc = {metrics.sample_acc(images, labels):.4f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int | None:
@@ -145,7 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int | None:
             configure_threads()
         handler = {"course": _course, "grade": _grade, "results": _results}[argv[0]]
         return handler(argv[1:])
-    if not any(a in ("-h", "--help") or a.startswith("--print_config") for a in argv):
+    if any(a.startswith("--print_config") for a in argv) and not any(a in ("-h", "--help") for a in argv):
+        _print_resolved_config(argv)
+        return 0
+    if not any(a in ("-h", "--help") for a in argv):
         configure_threads()
     _lightning_cli(argv)
     return 0

@@ -166,16 +166,12 @@ def _check_images(images) -> Tensor:
     return images
 
 
-def _shapes(num: int, seed: int):
-    from minivfm.data.shapes import Shapes
-
-    return Shapes(num, image_size=IMAGE_SIZE, seed=seed)
-
-
 @lru_cache(maxsize=8)
 def _real_batch(num: int, seed: int) -> tuple[Tensor, Tensor]:
-    batch = _shapes(num, seed).get_batch(range(num))
-    return batch["image"], batch["label"]
+    from minivfm.data import shapes_in_memory
+
+    data = shapes_in_memory(num, IMAGE_SIZE, seed)
+    return data.images * 2 - 1, data.labels
 
 
 def real_images(num: int, split: str = "test") -> tuple[Tensor, Tensor]:

@@ -128,3 +128,29 @@ def configure_threads(threads: int | None = None, verbose: bool = False) -> int:
         why = " (other processes are busy; MINIVFM_THREADS=N overrides)" if measured and threads < cores else ""
         print(f"minivfm: {threads} torch thread(s) of {cores} cores{why}")
     return threads
+
+
+def fill_from_preset(module, preset) -> None:
+    """Replace the ``None`` entries of ``module.hparams`` with ``preset``'s fields of the same name.
+
+    Every ``Lit<Model>`` calls it right after ``self.save_hyperparameters()``: arguments left unset (in
+    Python, in a ``configs/<model>.yaml`` or on the ``minivfm`` command line) come from the profile's
+    preset, and the filled-in values are what ``hparams.yaml``, a checkpoint and ``--print_config``'s
+    run record, so a checkpoint does not depend on the profile it was trained under. ``profile`` itself
+    is dropped (it was only needed to pick ``preset``).
+    """
+    import inspect
+
+    params = inspect.signature(type(module).__init__).parameters
+    # under LightningCLI, save_hyperparameters() records the config's init_args, linked sizes that
+    # this model does not take included, and only those: keep the arguments, fill in the defaults
+    hparams = {k: v for k, v in module.hparams.items() if k in params or k.startswith("_")}
+    for name, param in params.items():
+        if name not in ("self", "profile") and param.kind is param.POSITIONAL_OR_KEYWORD:
+            hparams.setdefault(name, param.default)
+    for key, value in hparams.items():
+        if value is None and hasattr(preset, key):
+            hparams[key] = getattr(preset, key)
+    hparams.pop("profile", None)
+    module.hparams.clear()
+    module.save_hyperparameters(hparams)

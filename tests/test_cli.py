@@ -25,11 +25,75 @@ def test_help_lists_lightning_and_course_commands():
         assert word in out.stdout
 
 
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_every_model_has_a_config():
+    assert {p.stem for p in CONFIGS} >= {"vae", "vqvae", "gan", "ddpm", "vit"}
+
+
+def _printed_config(*args) -> dict:
+    import yaml
+
+    out = run("fit", *args, "--print_config")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return yaml.safe_load(out.stdout)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_print_config_shows_the_values_that_will_be_used(config):
+    """No ``null`` left in the model's arguments: the preset and the linked data sizes fill them."""
+    printed = _printed_config("--config", str(config))
+    model = printed["model"]["init_args"]
+    assert model and all(v is not None for v in model.values()), model
+    assert "profile" not in model
+    trainer = printed["trainer"]
+    assert trainer["max_epochs"] not in (None, -1) or trainer["max_steps"] not in (None, -1), trainer
+    data = printed["data"]["init_args"]
+    assert data["batch_size"] and data["num_train"], data
+
+
+def test_data_sizes_reach_the_model_through_links():
+    printed = _printed_config("--config", "configs/gan.yaml", "--data", "minivfm.data.DigitsDataModule")
+    model = printed["model"]["init_args"]
+    assert (model["in_channels"], model["num_classes"], model["image_size"]) == (1, 10, 32), model
+    vit = _printed_config("--config", "configs/vit.yaml", "--data.init_args.image_size", "24")
+    assert (vit["model"]["init_args"]["image_size"], vit["model"]["init_args"]["in_chans"]) == (24, 3)
+
+
 def test_print_config_resolves_the_vit_config():
     out = run("fit", "--config", "configs/vit.yaml", "--print_config")
     assert out.returncode == 0, out.stderr
     assert "minivfm.models.vit.ViTClassifier" in out.stdout
     assert "minivfm.data.ShapesDataModule" in out.stdout
+
+
+# what `minivfm fit` prints and draws for each kind of model
+EXPECTED = {
+    "vit": (["test/acc = "], ["predictions.png"]),
+    "vae": (["test/recon_mse = ", "sample_fd = "], ["samples.png", "reconstructions.png"]),
+    "vqvae": (["test/recon_mse = ", "test/codes_used = "], ["reconstructions.png"]),
+    "gan": (["sample_fd = ", "sample_acc = "], ["samples.png"]),
+    "ddpm": (["test/loss = ", "sample_fd = ", "sample_acc = "], ["samples.png"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_trains_tests_and_draws(config, tmp_path):
+    """``minivfm fit --config configs/<model>.yaml`` end to end under ci (one short epoch)."""
+    out = run(
+        "fit", "--config", str(config), "--trainer.max_epochs", "1", "--data.init_args.num_train", "256",
+        "--trainer.logger.init_args.save_dir", str(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed, figures = EXPECTED[config.stem]
+    for line in printed:
+        assert line in out.stdout, (line, out.stdout[-2000:])
+    version = next(tmp_path.glob("*/version_0"))
+    assert list(version.glob("checkpoints/*.ckpt"))
+    for name in ["curves.png", *figures]:
+        assert (version / name).exists(), name
 
 
 def test_results_rejects_unknown_model():
@@ -42,20 +106,6 @@ def test_course_without_build_is_usage_error():
     out = run("course")
     assert out.returncode == 2
     assert "course build" in out.stderr
-
-
-@pytest.mark.slow
-def test_fit_writes_checkpoint_figures_and_prints_accuracy(tmp_path):
-    out = run(
-        "fit", "--config", str(ROOT / "configs/vit.yaml"),
-        "--trainer.max_epochs", "1", "--trainer.logger.init_args.save_dir", str(tmp_path),
-        cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "test/acc = " in out.stdout
-    version = tmp_path / "vit" / "version_0"
-    assert list(version.glob("checkpoints/*.ckpt"))
-    assert (version / "curves.png").exists() and (version / "predictions.png").exists()
 
 
 @pytest.mark.slow

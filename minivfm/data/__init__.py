@@ -12,7 +12,7 @@ import importlib
 from typing import Any
 
 from minivfm.data._common import ArrayDataset, collate, data_root
-from minivfm.data.shapes import Shapes
+from minivfm.data.shapes import Shapes, shapes_in_memory
 from minivfm.data.vision import TorchvisionDataset, read_cifar_batch, read_idx
 
 _LAZY = {
@@ -32,6 +32,7 @@ __all__ = [
     "TorchvisionDataset",
     "collate",
     "data_root",
+    "shapes_in_memory",
     "read_cifar_batch",
     "read_idx",
 ]

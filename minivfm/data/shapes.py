@@ -497,3 +497,15 @@ class Shapes(Dataset):
             boxes[:, k, 3] = S - rows.flip(1).argmax(1)
         boxes *= torch.from_numpy(active)[..., None]
         return image, mask, boxes
+
+
+def shapes_in_memory(num: int, image_size: int = 32, seed: int = 0, **kwargs: Any):
+    """``num`` :class:`Shapes` items rendered at once and held in memory, as an
+    :class:`~minivfm.data.ArrayDataset` (``.images`` ``(N, 3, H, W)`` in [0, 1], ``.labels``): the
+    training and test sets of every ``results()`` and the real images of :mod:`minivfm.metrics`.
+    ``kwargs`` go to :class:`Shapes` (``max_shapes=1``, ...)."""
+    from minivfm.data._common import ArrayDataset
+
+    data = Shapes(num, image_size=image_size, seed=seed, **kwargs)
+    batch = data.get_batch(range(num))
+    return ArrayDataset((batch["image"] + 1) / 2, batch["label"], data.class_names, data.class_names)

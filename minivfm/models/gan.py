@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import minivfm
+from minivfm.profiles import fill_from_preset
 
 __all__ = [
     "GANConfig",
@@ -249,16 +250,21 @@ class LitGAN(L.LightningModule):
     ``<log_dir>/samples/epoch_NNN.png``.
     """
 
-    def __init__(self, in_channels: int = 3, image_size: int = 32, latent_dim: int = 64,
-                 g_channels: tuple[int, ...] = (128, 64, 32), d_channels: tuple[int, ...] = (32, 64, 128),
-                 num_classes: int = 0, lr: float = 2e-4, betas: tuple[float, float] = (0.5, 0.999),
-                 num_grid: int = 64):
+    def __init__(self, in_channels: int | None = None, image_size: int | None = None, latent_dim: int | None = None,
+                 g_channels: tuple[int, ...] | None = None, d_channels: tuple[int, ...] | None = None,
+                 num_classes: int | None = None, lr: float | None = None, betas: tuple[float, float] | None = None,
+                 num_grid: int = 64, max_epochs: int | None = None, num_samples: int | None = None,
+                 profile: str | None = None):
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr: expected a positive learning rate, got {lr}")
+        self.save_hyperparameters()
+        fill_from_preset(self, GANConfig.preset(profile))
+        hp = self.hparams
+        if hp.lr <= 0:
+            raise ValueError(f"lr: expected a positive learning rate, got {hp.lr}")
         if num_grid < 1:
             raise ValueError(f"num_grid: expected a positive number of grid images, got {num_grid}")
-        self.save_hyperparameters()
+        in_channels, image_size, latent_dim, num_classes = hp.in_channels, hp.image_size, hp.latent_dim, hp.num_classes
+        g_channels, d_channels = hp.g_channels, hp.d_channels
         self.automatic_optimization = False
         self.generator = Generator(latent_dim, tuple(g_channels), in_channels, image_size, num_classes)
         self.discriminator = Discriminator(in_channels, tuple(d_channels), image_size, num_classes)
@@ -271,7 +277,19 @@ class LitGAN(L.LightningModule):
     @classmethod
     def from_config(cls, cfg: GANConfig, **kwargs) -> LitGAN:
         return cls(cfg.in_channels, cfg.image_size, cfg.latent_dim, tuple(cfg.g_channels),
-                   tuple(cfg.d_channels), cfg.num_classes, cfg.lr, tuple(cfg.betas), **kwargs)
+                   tuple(cfg.d_channels), cfg.num_classes, cfg.lr, tuple(cfg.betas),
+                   max_epochs=cfg.max_epochs, num_samples=cfg.num_samples, **kwargs)
+
+    def generate(self, num_samples: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+        """``num_samples`` samples for the metrics and their labels (cycling through the classes;
+        ``None`` for an unconditional GAN)."""
+        num_classes = self.hparams.num_classes
+        labels = torch.arange(num_samples) % num_classes if num_classes else None
+        images = []
+        for start in range(0, num_samples, 256):
+            chunk = None if labels is None else labels[start : start + 256]
+            images.append(self.sample(min(256, num_samples - start), chunk, generator=generator).cpu())
+        return torch.cat(images), labels
 
     @torch.no_grad()
     def sample(self, num_samples: int, labels: Tensor | None = None,
@@ -353,13 +371,12 @@ class LitGAN(L.LightningModule):
 def results(profile: str) -> dict[str, float]:
     """Train the class-conditional GAN under ``profile``; return ``sample_fd``, ``sample_acc``, ``seconds``."""
     from minivfm import metrics
-    from minivfm.data import collate
-    from minivfm.models.vae import _shapes
+    from minivfm.data import collate, shapes_in_memory
 
     cfg = GANConfig.preset(profile)
     L.seed_everything(0, workers=True)
     start = time.perf_counter()
-    data = _shapes(cfg.num_train, cfg.image_size, seed=0)  # rendered once, held in memory
+    data = shapes_in_memory(cfg.num_train, cfg.image_size, seed=0)  # rendered once, held in memory
     cfg.num_classes = int(data.num_classes)
     train = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                         collate_fn=collate)
@@ -369,8 +386,7 @@ def results(profile: str) -> dict[str, float]:
     trainer.fit(model, train)
     seconds = time.perf_counter() - start
     g = torch.Generator(device=LitGAN.device_of(model)).manual_seed(0)
-    labels = torch.arange(cfg.num_samples) % cfg.num_classes
-    samples = torch.cat([model.sample(len(lab), lab, generator=g).cpu() for lab in labels.split(256)])
+    samples, labels = model.generate(cfg.num_samples, generator=g)
     return {
         "sample_fd": float(metrics.sample_fd(samples)),
         "sample_acc": float(metrics.sample_acc(samples, labels)),

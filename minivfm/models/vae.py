@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import minivfm
+from minivfm.profiles import fill_from_preset
 
 __all__ = [
     "VAEConfig",
@@ -466,17 +467,26 @@ class VQVAE(nn.Module):
 class LitVAE(L.LightningModule):
     """Trains a :class:`VAE` on the negative ELBO; logs ``loss``, ``recon_mse`` (per pixel) and ``kl``."""
 
-    def __init__(self, in_channels: int = 3, image_size: int = 32, channels: tuple[int, ...] = (32, 64),
-                 latent_channels: int = 4, beta: float = 1.0, lr: float = 2e-3):
+    def __init__(self, in_channels: int | None = None, image_size: int | None = None,
+                 channels: tuple[int, ...] | None = None, latent_channels: int | None = None,
+                 beta: float | None = None, lr: float | None = None, max_epochs: int | None = None,
+                 num_samples: int | None = None, profile: str | None = None):
         super().__init__()
-        if beta < 0:
-            raise ValueError(f"beta: expected a non-negative KL weight, got {beta}")
         self.save_hyperparameters()
-        self.model = VAE(in_channels, image_size, tuple(channels), latent_channels)
+        fill_from_preset(self, VAEConfig.preset(profile))
+        hp = self.hparams
+        if hp.beta < 0:
+            raise ValueError(f"beta: expected a non-negative KL weight, got {hp.beta}")
+        self.model = VAE(hp.in_channels, hp.image_size, tuple(hp.channels), hp.latent_channels)
 
     @classmethod
     def from_config(cls, cfg: VAEConfig) -> LitVAE:
-        return cls(cfg.in_channels, cfg.image_size, tuple(cfg.channels), cfg.latent_channels, cfg.beta, cfg.lr)
+        return cls(cfg.in_channels, cfg.image_size, tuple(cfg.channels), cfg.latent_channels, cfg.beta, cfg.lr,
+                   cfg.max_epochs, cfg.num_samples)
+
+    def generate(self, num_samples: int, generator: torch.Generator | None = None) -> tuple[Tensor, None]:
+        """``num_samples`` prior samples for the metrics (unconditional: no labels)."""
+        return self.model.sample(num_samples, generator=generator), None
 
     def _step(self, batch: dict, stage: str) -> Tensor:
         x = batch["image"]
@@ -509,21 +519,24 @@ class LitVQVAE(L.LightningModule):
     (a common fix for codebook collapse; see Dhariwal et al. 2020, Jukebox).
     """
 
-    def __init__(self, in_channels: int = 3, image_size: int = 32, channels: tuple[int, ...] = (32, 64),
-                 embed_dim: int = 16, num_codes: int = 64, commitment: float = 0.25, lr: float = 2e-3,
-                 restart_dead_codes: bool = True):
+    def __init__(self, in_channels: int | None = None, image_size: int | None = None,
+                 channels: tuple[int, ...] | None = None, embed_dim: int | None = None, num_codes: int | None = None,
+                 commitment: float | None = None, lr: float | None = None, restart_dead_codes: bool = True,
+                 max_epochs: int | None = None, profile: str | None = None):
         super().__init__()
-        if commitment < 0:
-            raise ValueError(f"commitment: expected a non-negative weight, got {commitment}")
         self.save_hyperparameters()
-        self.model = VQVAE(in_channels, image_size, tuple(channels), embed_dim, num_codes)
-        self.register_buffer("_epoch_counts", torch.zeros(num_codes), persistent=False)
+        fill_from_preset(self, VQVAEConfig.preset(profile))
+        hp = self.hparams
+        if hp.commitment < 0:
+            raise ValueError(f"commitment: expected a non-negative weight, got {hp.commitment}")
+        self.model = VQVAE(hp.in_channels, hp.image_size, tuple(hp.channels), hp.embed_dim, hp.num_codes)
+        self.register_buffer("_epoch_counts", torch.zeros(hp.num_codes), persistent=False)
         self._last_z: Tensor | None = None
 
     @classmethod
     def from_config(cls, cfg: VQVAEConfig, **kwargs) -> LitVQVAE:
         return cls(cfg.in_channels, cfg.image_size, tuple(cfg.channels), cfg.embed_dim, cfg.num_codes,
-                   cfg.commitment, cfg.lr, **kwargs)
+                   cfg.commitment, cfg.lr, max_epochs=cfg.max_epochs, **kwargs)
 
     def _step(self, batch: dict, stage: str) -> Tensor:
         x = batch["image"]
@@ -570,29 +583,20 @@ class LitVQVAE(L.LightningModule):
 # ----------------------------------------------------------------------------- results
 
 
-def _shapes(num: int, image_size: int, seed: int):
-    """``num`` Shapes items rendered once and held in memory (an ``ArrayDataset``)."""
-    from minivfm.data import ArrayDataset, Shapes
-
-    data = Shapes(num, image_size=image_size, seed=seed)
-    batch = data.get_batch(range(num))
-    return ArrayDataset((batch["image"] + 1) / 2, batch["label"], data.class_names, data.class_names)
-
-
 def results(profile: str) -> dict[str, float]:
     """Train the VAE under ``profile`` on Shapes (seed 0); return ``recon_mse`` (per pixel, on
     held-out Shapes, seed 2, decoding the posterior mean), ``sample_fd`` (``cfg.num_samples`` prior
     samples, :func:`minivfm.metrics.sample_fd`) and ``seconds`` (data and training)."""
     from minivfm import metrics
-    from minivfm.data import collate
+    from minivfm.data import collate, shapes_in_memory
 
     cfg = VAEConfig.preset(profile)
     L.seed_everything(0, workers=True)
     start = time.perf_counter()
     loader = torch.utils.data.DataLoader
-    train = loader(_shapes(cfg.num_train, cfg.image_size, seed=0), batch_size=cfg.batch_size, shuffle=True,
+    train = loader(shapes_in_memory(cfg.num_train, cfg.image_size, seed=0), batch_size=cfg.batch_size, shuffle=True,
                    collate_fn=collate)
-    test = loader(_shapes(cfg.num_val, cfg.image_size, seed=2), batch_size=256, collate_fn=collate)
+    test = loader(shapes_in_memory(cfg.num_val, cfg.image_size, seed=2), batch_size=256, collate_fn=collate)
     model = LitVAE.from_config(cfg)
     trainer = L.Trainer(max_epochs=cfg.max_epochs, accelerator="auto", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minivfm.nn import Block, ConvStem, PatchEmbed
+from minivfm.profiles import fill_from_preset
 from minivfm.profiles import profile as _profile
 
 __all__ = ["ViTConfig", "patchify", "unpatchify", "random_shift", "ViT", "ViTClassifier", "results"]
@@ -438,36 +439,16 @@ class ViTClassifier(L.LightningModule):
         profile: str | None = None,
     ) -> None:
         super().__init__()
-        preset = ViTConfig.preset(profile)
-        image_size = preset.image_size if image_size is None else image_size
-        patch_size = preset.patch_size if patch_size is None else patch_size
-        in_chans = preset.in_chans if in_chans is None else in_chans
-        num_classes = preset.num_classes if num_classes is None else num_classes
-        embed_dim = preset.embed_dim if embed_dim is None else embed_dim
-        depth = preset.depth if depth is None else depth
-        num_heads = preset.num_heads if num_heads is None else num_heads
-        mlp_ratio = preset.mlp_ratio if mlp_ratio is None else mlp_ratio
-        stem = preset.stem if stem is None else stem
-        lr = preset.lr if lr is None else lr
-        weight_decay = preset.weight_decay if weight_decay is None else weight_decay
-        warmup_epochs = preset.warmup_epochs if warmup_epochs is None else warmup_epochs
-        label_smoothing = preset.label_smoothing if label_smoothing is None else label_smoothing
-        shift = preset.shift if shift is None else shift
-        max_epochs = preset.max_epochs if max_epochs is None else max_epochs
         # LightningCLI makes save_hyperparameters() record the arguments as given (None) and its
-        # _instantiator; store the filled-in values over them, so that a checkpoint and hparams.yaml
-        # do not depend on the profile and the CLI finds max_epochs
+        # _instantiator; fill_from_preset stores the filled-in values over them, so that a checkpoint and
+        # hparams.yaml do not depend on the profile and the CLI finds max_epochs
         self.save_hyperparameters()
-        resolved = dict(
-            image_size=image_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, stem=stem, lr=lr,
-            weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-            shift=shift, max_epochs=max_epochs,
-        )  # fmt: skip
-        self.save_hyperparameters({**self.hparams, **resolved})
+        fill_from_preset(self, ViTConfig.preset(profile))
+        hp = self.hparams
         self.model = ViT(
-            image_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, stem=stem
-        )
+            hp.image_size, hp.patch_size, hp.in_chans, hp.num_classes, hp.embed_dim, hp.depth, hp.num_heads,
+            hp.mlp_ratio, stem=hp.stem,
+        )  # fmt: skip
 
     @classmethod
     def from_config(cls, cfg: ViTConfig, **overrides) -> ViTClassifier:
