@@ -1,12 +1,14 @@
 """``minivfm results``: train and evaluate models, print the README results rows.
 
-Each model module has ``results(profile: str) -> dict[str, float]`` that trains
-the model on its default data under the profile and returns its metrics and
-``seconds``. This module runs them, prints a Markdown table (the rows of the
-README results table) and writes JSON::
+Each model module has a ``results(profile: str) -> dict`` that trains the model on
+its default data under the profile and returns its metrics, ``seconds`` and
+``baselines`` (for each metric what it means to beat: chance, the real-data floor
+of a Frechet distance, a trivial reconstruction). This module runs them one after
+another, prints the README results table and writes JSON::
 
     minivfm results vit --profile cpu --json results.json
-    {"vit": {"shapes_acc": 0.97, "digits_acc": 0.98, "seconds": 120.0}}
+    {"vit": {"shapes_acc": 0.96, "digits_acc": 0.99, "seconds": 315.0,
+             "baselines": {"shapes_acc": 0.083, "digits_acc": 0.1}}}
 """
 
 from __future__ import annotations
@@ -20,24 +22,30 @@ from collections.abc import Callable, Sequence
 
 from minivfm.profiles import PROFILES, profile
 
-# model name -> module with a ``results(profile)`` function, in course order.
+# model name -> "module" with a ``results(profile)`` function (or "module:function"), in course order.
 MODELS: dict[str, str] = {
     "vae": "minivfm.models.vae",
+    "vqvae": "minivfm.models.vae:results_vqvae",
     "gan": "minivfm.models.gan",
     "ddpm": "minivfm.models.ddpm",
     "vit": "minivfm.models.vit",
 }
 
 
+def _function(name: str):
+    module, _, function = MODELS[name].partition(":")
+    return getattr(importlib.import_module(module), function or "results", None)
+
+
 def available() -> list[str]:
     """Models whose module is importable and has a ``results`` function."""
     names = []
-    for name, module in MODELS.items():
+    for name in MODELS:
         try:
-            mod = importlib.import_module(module)
+            fn = _function(name)
         except ImportError:
             continue
-        if callable(getattr(mod, "results", None)):
+        if callable(fn):
             names.append(name)
     return names
 
@@ -45,35 +53,41 @@ def available() -> list[str]:
 def runner(name: str) -> Callable[[str], dict]:
     if name not in MODELS:
         raise ValueError(f"model: {name!r} is not one of {', '.join(MODELS)}")
-    fn = getattr(importlib.import_module(MODELS[name]), "results", None)
+    fn = _function(name)
     if not callable(fn):
         raise ValueError(f"model: {name!r} has no results() yet")
     return fn
 
 
-def run(names: Sequence[str], profile_name: str | None = None) -> dict[str, dict[str, float]]:
-    """Run ``results(profile)`` for each model; returns ``{model: {metric: value}}``."""
+def run(names: Sequence[str], profile_name: str | None = None) -> dict[str, dict]:
+    """Run ``results(profile)`` for each model, one after another; returns
+    ``{model: {metric: value, ..., "seconds": s, "baselines": {metric: value}}}``."""
     prof = profile(profile_name)
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict] = {}
     for name in names:
         fn = runner(name)
         start = time.perf_counter()
         metrics = dict(fn(prof))
         metrics.setdefault("seconds", time.perf_counter() - start)
-        out[name] = {k: float(v) for k, v in metrics.items()}
+        baselines = {k: float(v) for k, v in metrics.pop("baselines", {}).items()}
+        out[name] = {**{k: float(v) for k, v in metrics.items()}, "baselines": baselines}
+        print(f"minivfm results: {name} done in {out[name]['seconds']:.0f} s", flush=True)
     return out
 
 
-def table(results: dict[str, dict[str, float]], profile_name: str) -> str:
-    """Markdown rows: model, metric, value, seconds, and the command that reproduces them."""
-    lines = ["| model | metric | value | seconds | command |", "|---|---|---|---|---|"]
+def table(results: dict[str, dict], profile_name: str) -> str:
+    """The README results table: the command, then one row per metric with its baseline and the
+    model's seconds (training and evaluation)."""
+    command = f"minivfm results {' '.join(results)} --profile {profile_name}"
+    lines = [f"`{command}`", "", "| model | metric | value | baseline | seconds |", "|---|---|---|---|---|"]
     for name, metrics in results.items():
-        cmd = f"`minivfm results {name} --profile {profile_name}`"
         secs = metrics.get("seconds", float("nan"))
+        baselines = metrics.get("baselines", {})
         for key, value in metrics.items():
-            if key == "seconds":
+            if key in ("seconds", "baselines"):
                 continue
-            lines.append(f"| {name} | {key} | {value:.4g} | {secs:.0f} | {cmd} |")
+            base = f"{baselines[key]:.4g}" if key in baselines else ""
+            lines.append(f"| {name} | {key} | {value:.4g} | {base} | {secs:.0f} |")
     return "\n".join(lines)
 
 

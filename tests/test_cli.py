@@ -114,5 +114,7 @@ def test_results_json(tmp_path):
     out = run("results", "vit", "--profile", "ci", "--json", str(path))
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(path.read_text())
-    assert set(data["vit"]) >= {"shapes_acc", "digits_acc", "seconds"}
-    assert "| vit | shapes_acc |" in out.stdout
+    assert set(data["vit"]) >= {"shapes_acc", "digits_acc", "seconds", "baselines"}
+    assert data["vit"]["baselines"]["shapes_acc"] == pytest.approx(1 / 12)
+    assert "`minivfm results vit --profile ci`" in out.stdout
+    assert "| vit | shapes_acc |" in out.stdout and "| 0.08333 |" in out.stdout

@@ -233,3 +233,14 @@ def test_conditional_gan_learns_shapes(tmp_path):
     assert trainer.callback_metrics["train/d_loss"] < 2 * math.log(2)  # D beats chance
     # already after 112 steps the reference classifier finds the asked-for class more often than chance
     assert metrics.sample_acc(samples, labels) > 1 / cfg.num_classes
+
+
+@pytest.mark.slow
+def test_results_ci_reports_metrics_with_baselines() -> None:
+    from minivfm.models.gan import results
+
+    out = results("ci")
+    assert set(out) >= {"sample_fd", "sample_acc", "seconds", "baselines"}
+    assert out["baselines"]["sample_acc"] == pytest.approx(1 / 12)
+    assert out["sample_fd"] > out["baselines"]["sample_fd"] > 0, out
+    assert 0 <= out["sample_acc"] <= 1

@@ -390,3 +390,19 @@ def test_vae_learns_shapes_better_than_the_mean_image(tmp_path):
     mse = (model.model.eval().reconstruct(test_x) - test_x).pow(2).mean().item()
     baseline = (test_x - test_x.mean(0, keepdim=True)).pow(2).mean().item()
     assert mse < 0.7 * baseline, (mse, baseline)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vae", "vqvae"])
+def test_results_ci_beats_the_mean_image(name: str) -> None:
+    """``minivfm results vae vqvae`` under ci: every metric has its baseline, and even the tiny ci
+    models reconstruct better than the mean training image does."""
+    from minivfm.results import runner
+
+    out = runner(name)("ci")
+    assert out["seconds"] > 0 and set(out["baselines"]) <= set(out)
+    assert out["recon_mse"] < out["baselines"]["recon_mse"], out
+    if name == "vae":
+        assert out["sample_fd"] > out["baselines"]["sample_fd"] > 0, out  # the real-data floor is a floor
+    else:
+        assert out["baselines"]["codes_used"] < out["codes_used"] <= 1, out

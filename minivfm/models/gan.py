@@ -368,8 +368,9 @@ class LitGAN(L.LightningModule):
 # ----------------------------------------------------------------------------- results
 
 
-def results(profile: str) -> dict[str, float]:
-    """Train the class-conditional GAN under ``profile``; return ``sample_fd``, ``sample_acc``, ``seconds``."""
+def results(profile: str) -> dict:
+    """Train the class-conditional GAN under ``profile``; return ``sample_fd``, ``sample_acc``, ``seconds``
+    and ``baselines`` (the real-data floor of ``sample_fd`` at the same N, chance for ``sample_acc``)."""
     from minivfm import metrics
     from minivfm.data import collate, shapes_in_memory
 
@@ -391,4 +392,5 @@ def results(profile: str) -> dict[str, float]:
         "sample_fd": float(metrics.sample_fd(samples)),
         "sample_acc": float(metrics.sample_acc(samples, labels)),
         "seconds": seconds,
+        "baselines": {"sample_fd": metrics.real_fd(cfg.num_samples), "sample_acc": 1 / cfg.num_classes},
     }
