@@ -196,6 +196,11 @@ def test_from_timm_matches(img, patch, chans, dim, depth, heads, qkv_bias, class
 @pytest.mark.parametrize(
     "kwargs,match",
     [
+        # read: what cannot be read, or shows in no parameter and in no output at the native size
+        (dict(dynamic_img_size=True), "dynamic_img_size"),
+        (dict(dynamic_img_pad=True), "dynamic_img_pad"),
+        (dict(patch_size=(4, 2)), "non-square patches"),
+        # the strict state dict: parameters ViT lacks, has, or shapes otherwise
         (dict(class_token=False, global_pool="avg"), "no class token"),
         (dict(global_pool="avg"), "global_pool='avg'"),
         (dict(reg_tokens=4), "register tokens"),
@@ -203,17 +208,25 @@ def test_from_timm_matches(img, patch, chans, dim, depth, heads, qkv_bias, class
         (dict(init_values=1e-5), "layer scale"),
         (dict(pre_norm=True), "pre_norm"),
         (dict(global_pool="token", fc_norm=True), "fc_norm"),
-        (dict(act_layer="gelu_tanh"), "GELU"),
-        (dict(act_layer="relu"), "GELU"),
-        (dict(norm_layer=torch.nn.LayerNorm), "eps=1e-6"),
-        (dict(dynamic_img_size=True), "dynamic_img_size"),
+        (dict(final_norm=False), "final_norm=False"),
         (dict(no_embed_class=True), "no_embed_class"),
         (dict(pos_embed="none"), "positional embedding"),
         (dict(proj_bias=False), "bias"),
+        (dict(scale_mlp_norm=True), "scale_mlp_norm"),
+        (dict(global_pool="map"), "global_pool='map'"),
+        # eps and the activation, checked by name: the outputs alone can miss them
+        (dict(act_layer="gelu_tanh"), "GELU"),
+        (dict(act_layer="relu"), "GELU"),
+        (dict(norm_layer=torch.nn.LayerNorm), "eps=1e-05"),
+        # the output comparison
+        (dict(global_pool="avg", fc_norm=False), "outputs differ by"),
+        (dict(global_pool=""), "outputs differ in shape"),
+        (dict(block_fn=timm_vit.ResPostBlock), "outputs differ by"),
     ],
 )
 def test_from_timm_refuses(kwargs, match) -> None:
-    ref = timm_vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, **kwargs)
+    args = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    ref = timm_vit.VisionTransformer(**{**args, **kwargs})
     with pytest.raises(ValueError, match="cannot represent") as err:
         ViT.from_timm(ref)
     assert match in str(err.value)
@@ -222,6 +235,23 @@ def test_from_timm_refuses(kwargs, match) -> None:
 def test_from_timm_refuses_non_vit() -> None:
     with pytest.raises(TypeError, match="VisionTransformer"):
         ViT.from_timm(torch.nn.Linear(2, 2))
+
+
+def test_from_timm_keeps_rng_and_modes() -> None:
+    """Training-time options (timm's GELU class, dropout, patch dropout) load; the comparison draws
+    from its own generator and leaves the timm model in train mode."""
+    torch.manual_seed(0)
+    ref = timm_vit.VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, act_layer="gelu", patch_drop_rate=0.5,
+        drop_rate=0.1,
+    ).train()  # fmt: skip
+    state = torch.get_rng_state()
+    ours = ViT.from_timm(ref)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(mod.training for mod in ref.modules()) and ours.training
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), ref.eval()(x), atol=1e-5, rtol=1e-5)
 
 
 # -- config and LightningModule ---------------------------------------------------------------------
