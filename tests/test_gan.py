@@ -181,6 +181,26 @@ def test_manual_optimization_changes_both_networks(tmp_path, num_classes):
     assert {"train/d_loss", "train/g_loss", "train/d_real", "train/d_fake"} <= set(trainer.callback_metrics)
 
 
+def test_training_uses_the_losses_a_subclass_sets(tmp_path):
+    """Lesson 02 trains ``LitGAN`` with the student's losses by setting the two class attributes."""
+    calls = []
+
+    class YourGAN(LitGAN):
+        @staticmethod
+        def discriminator_loss(real_logits, fake_logits):
+            calls.append("d")
+            return discriminator_loss(real_logits, fake_logits)
+
+        @staticmethod
+        def generator_loss(fake_logits):
+            calls.append("g")
+            return generator_loss(fake_logits)
+
+    loader = torch.utils.data.DataLoader(_Images(16), batch_size=8)
+    _trainer(tmp_path).fit(YourGAN(**SMALL), loader)
+    assert calls == ["d", "g"] * len(loader)
+
+
 def test_sample_grid_saved_every_epoch(tmp_path):
     L.seed_everything(0)
     model = LitGAN(**SMALL, num_classes=3, num_grid=6)

@@ -274,6 +274,10 @@ class LitGAN(L.LightningModule):
         self.register_buffer("grid_labels", grid_labels, persistent=False)
         self.sample_history: list[Tensor] = []
 
+    # the two losses, as attributes: lesson 02 trains a subclass that sets the student's own
+    discriminator_loss = staticmethod(discriminator_loss)
+    generator_loss = staticmethod(generator_loss)
+
     @classmethod
     def from_config(cls, cfg: GANConfig, **kwargs) -> LitGAN:
         return cls(cfg.in_channels, cfg.image_size, cfg.latent_dim, tuple(cfg.g_channels),
@@ -324,13 +328,13 @@ class LitGAN(L.LightningModule):
         # D step: push D(x) -> 1 and D(G(z)) -> 0; G is not updated (fake is detached).
         real_logits = self.discriminator(x, y)
         fake_logits = self.discriminator(fake.detach(), y)
-        d_loss = discriminator_loss(real_logits, fake_logits)
+        d_loss = self.discriminator_loss(real_logits, fake_logits)
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(d_loss)
         opt_d.step()
 
         # G step: the non-saturating loss through the just-updated D.
-        g_loss = generator_loss(self.discriminator(fake, y))
+        g_loss = self.generator_loss(self.discriminator(fake, y))
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
         opt_g.step()
