@@ -29,6 +29,7 @@ MODELS: dict[str, str] = {
     "gan": "minivfm.models.gan",
     "ddpm": "minivfm.models.ddpm",
     "vit": "minivfm.models.vit",
+    "mae": "minivfm.models.mae",
 }
 
 
