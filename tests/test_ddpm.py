@@ -40,6 +40,14 @@ def _ddim_ref(schedule: str, steps: int):
     return ref
 
 
+def _shapes(num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num`` Shapes images (seed 0) in [-1, 1] and their labels."""
+    from minivfm.data import shapes_in_memory
+
+    data = shapes_in_memory(num, 32, seed=0)
+    return data.images * 2 - 1, data.labels
+
+
 def _close(a, b, atol=ATOL, rtol=RTOL):
     assert a.shape == b.shape
     err = (a - b).abs().max().item()
@@ -197,7 +205,7 @@ def test_dynamic_threshold_properties():
         with pytest.raises(ValueError, match="ratio"):
             ddpm.dynamic_threshold(torch.zeros(1, 2), bad)
     with pytest.raises(ValueError, match="threshold"):
-        ddpm.DDPM(threshold=2.0)
+        ddpm.LitDDPM(threshold=2.0)
 
 
 # -- properties ----------------------------------------------------------------------------------------
@@ -508,11 +516,11 @@ def test_weighted_loss_and_min_snr_weight():
 def test_training_step_uses_min_snr_weights():
     """The module's loss with min_snr_gamma equals the weighted loss computed by hand."""
     cfg = ddpm.DDPMConfig.preset("ci")
-    x, y = ddpm.shapes_tensors(8, seed=0)
+    x, y = _shapes(8)
     losses = {}
-    for gamma in (None, 1.0):
-        plain = dict(min_snr_gamma=gamma, p_uncond=0.0, t_sampling="uniform", self_condition=False)
-        model = ddpm.DDPM.from_config(dataclasses.replace(cfg, **plain))
+    for gamma in (0.0, 1.0):  # 0: the plain (unweighted) loss
+        plain = dict(min_snr_gamma=gamma, p_uncond=0.0, t_sampling="uniform")
+        model = ddpm.LitDDPM.from_config(dataclasses.replace(cfg, **plain))
         model.log = lambda *a, **k: None
         torch.manual_seed(0)
         losses[gamma] = model._step({"image": x, "label": y}, "train").item()
@@ -521,40 +529,9 @@ def test_training_step_uses_min_snr_weights():
         eps = torch.randn_like(x)
         with torch.no_grad():
             pred = model.model(model.schedule.add_noise(x, eps, t), t, y)
-        w = None if gamma is None else ddpm.min_snr_weight(model.schedule.alphas_cumprod, t, gamma)
+        w = None if gamma == 0 else ddpm.min_snr_weight(model.schedule.alphas_cumprod, t, gamma)
         assert losses[gamma] == pytest.approx(ddpm.ddpm_loss(pred, eps, w).item(), rel=1e-5)
-    assert losses[1.0] < losses[None]
-
-
-def test_training_step_with_self_conditioning_and_logit_normal_t():
-    """The module's loss equals the hand-made one: logit-normal t, then for a random half of the batch
-    a no-grad first pass whose clamped x_0 estimate the second pass sees (zeros for the other half)."""
-    cfg = dataclasses.replace(ddpm.DDPMConfig.preset("ci"), p_uncond=0.0, min_snr_gamma=None,
-                              self_condition=True, t_sampling="logit_normal")  # fmt: skip
-    model = ddpm.DDPM.from_config(cfg)
-    with torch.no_grad():  # a fresh net ignores x_self_cond (zero-initialised residuals): wake it up
-        for p in model.model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    model.log = lambda *a, **k: None
-    x, y = ddpm.shapes_tensors(16, seed=0)
-    torch.manual_seed(0)
-    loss = model._step({"image": x, "label": y}, "train").item()
-    torch.manual_seed(0)
-    t = ddpm.sample_timesteps(16, 1000, "logit_normal")
-    eps = torch.randn_like(x)
-    x_t = model.schedule.add_noise(x, eps, t)
-    yd = ddpm.drop_labels(y, 0.0, cfg.num_classes)
-    use = torch.rand(16) < 0.5
-    assert 0 < use.sum() < 16  # the seed exercises both halves
-    net = model.model
-    with torch.no_grad():
-        a = model.schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-        x0_hat = ddpm.predict_x0(net(x_t, t, yd), x_t, a).clamp(-1, 1)
-        x_sc = torch.where(use.reshape(-1, 1, 1, 1), x0_hat, torch.zeros_like(x))
-        want = ddpm.ddpm_loss(net(x_t, t, yd, x_sc), eps).item()
-        without = ddpm.ddpm_loss(net(x_t, t, yd), eps).item()
-    assert loss == pytest.approx(want, rel=1e-4)
-    assert loss != pytest.approx(without, rel=1e-4)  # the estimate did reach the second pass
+    assert losses[1.0] < losses[0.0]
 
 
 def test_sample_timesteps():
@@ -562,19 +539,13 @@ def test_sample_timesteps():
     for method in ddpm.T_SAMPLING:
         t = ddpm.sample_timesteps(20000, 1000, method, generator=g)
         assert t.shape == (20000,) and t.dtype == torch.long and 0 <= t.min() and t.max() <= 999
-    a = ddpm.sample_timesteps(64, 1000, "logit_normal", generator=torch.Generator().manual_seed(3))
-    b = ddpm.sample_timesteps(64, 1000, "logit_normal", generator=torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
-    # logit-normal: P(250 <= t < 750) = P(|n| < log 3) = 0.728 (uniform: 0.5); the ends are rare
-    t = ddpm.sample_timesteps(20000, 1000, "logit_normal", generator=g).float()
-    assert ((t >= 250) & (t < 750)).float().mean().item() == pytest.approx(0.728, abs=0.015)
-    assert (t < 50).float().mean().item() < 0.01
     u = ddpm.sample_timesteps(20000, 1000, "uniform", generator=g).float()
     assert ((u >= 250) & (u < 750)).float().mean().item() == pytest.approx(0.5, abs=0.015)
     with pytest.raises(ValueError, match="t_sampling"):
         ddpm.sample_timesteps(4, 1000, "beta")
-    with pytest.raises(ValueError, match="t_sampling"):
-        ddpm.DDPM(t_sampling="lognormal")
+    for gone in ("lognormal", "logit_normal"):  # logit-normal is only the upper part of "split"
+        with pytest.raises(ValueError, match="t_sampling"):
+            ddpm.LitDDPM(t_sampling=gone)
 
 
 def test_split_timesteps():
@@ -595,18 +566,18 @@ def test_split_timesteps():
         with pytest.raises(ValueError, match=next(iter(bad))):
             ddpm.sample_timesteps(4, 1000, "split", **bad)
     with pytest.raises(ValueError, match="low_fraction"):
-        ddpm.DDPM(t_sampling="split", t_low_fraction=-0.1)
+        ddpm.LitDDPM(t_sampling="split", t_low_fraction=-0.1)
     with pytest.raises(ValueError, match="split_t"):
-        ddpm.DDPM(t_sampling="split", t_split=1000)
+        ddpm.LitDDPM(t_sampling="split", t_split=1000)
 
 
 def test_training_step_draws_split_timesteps():
     """The module trains on the timesteps of sample_timesteps("split", its t_split, its t_low_fraction)."""
-    cfg = dataclasses.replace(ddpm.DDPMConfig.preset("ci"), p_uncond=0.0, min_snr_gamma=None, self_condition=False,
-                              t_sampling="split", t_split=200, t_low_fraction=0.25)  # fmt: skip
-    model = ddpm.DDPM.from_config(cfg)
+    cfg = dataclasses.replace(ddpm.DDPMConfig.preset("ci"), p_uncond=0.0, min_snr_gamma=0.0, t_sampling="split",
+                              t_split=200, t_low_fraction=0.25)  # fmt: skip
+    model = ddpm.LitDDPM.from_config(cfg)
     model.log = lambda *a, **k: None
-    x, y = ddpm.shapes_tensors(8, seed=0)
+    x, y = _shapes(8)
     torch.manual_seed(0)
     loss = model._step({"image": x, "label": y}, "train").item()
     torch.manual_seed(0)
@@ -616,72 +587,6 @@ def test_training_step_draws_split_timesteps():
     with torch.no_grad():
         want = ddpm.ddpm_loss(model.model(model.schedule.add_noise(x, eps, t), t, y), eps).item()
     assert loss == pytest.approx(want, rel=1e-5)
-
-
-def test_unet_self_condition():
-    torch.manual_seed(0)
-    net = _tiny_unet(self_condition=True)
-    assert net.stem.in_channels == 2 * 3 * 2 * 2
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([1, 400, 900]), torch.tensor([0, 2, 5])
-    sc = torch.randn_like(x)
-    with torch.no_grad():
-        assert torch.equal(net(x, t, y), net(x, t, y, torch.zeros_like(x)))  # None means zeros
-        assert not torch.allclose(net(x, t, y, sc), net(x, t, y))
-    sc.requires_grad_(True)
-    net(x, t, y, sc).pow(2).mean().backward()
-    assert sc.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="x_self_cond must"):
-        net(x, t, y, torch.randn(3, 3, 8, 8))
-    with pytest.raises(ValueError, match="self_condition=False"):
-        _tiny_unet()(x, t, y, sc)
-
-
-class _Recorder(torch.nn.Module):
-    """A fake self-conditioned eps model: eps = 0.5 x_t + 0.1 * class; records what it was given."""
-
-    self_condition, num_classes = True, 5
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(()))
-        self.seen = []
-
-    def forward(self, x, t, y=None, x_self_cond=None):
-        self.seen.append(None if x_self_cond is None else x_self_cond.clone())
-        return 0.5 * x + 0.1 * (y if y is not None else torch.zeros_like(t)).reshape(-1, 1, 1, 1)
-
-
-@pytest.mark.parametrize("sampler", ["ddim", "ancestral"])
-def test_samplers_feed_the_previous_x0_estimate(sampler):
-    s = NoiseSchedule(10)
-    y, shape = torch.tensor([1, 3]), (2, 3, 4, 4)
-    net = _Recorder()
-    g = torch.Generator().manual_seed(0)
-    if sampler == "ddim":
-        ddpm.sample_ddim(net, s, shape, y, 2.0, num_steps=5, generator=g, clip_sample=1.0)
-        ts = s.ddim_timesteps(5)
-    else:
-        ddpm.sample_ancestral(net, s, shape, y, 2.0, generator=g, clip_sample=1.0)
-        ts = list(reversed(range(10)))
-    assert net.seen[0] is None and len(net.seen) == len(ts)
-    # replay: each call's x_self_cond is the previous step's guided x_0 estimate, clamped like the sampler's
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g)
-    for i, t in enumerate(ts):
-        eps = ddpm.cfg_mix(0.5 * x + 0.1 * y.reshape(-1, 1, 1, 1), 0.5 * x + 0.5, 2.0)
-        if i + 1 < len(ts):
-            want = ddpm.predict_x0(eps, x, s.alphas_cumprod[t]).clamp(-1, 1)
-            _close(net.seen[i + 1][:2], want, atol=1e-5)  # guided: cond and null halves get the same
-            _close(net.seen[i + 1][2:], want, atol=1e-5)
-        if sampler == "ddim":
-            x = s.ddim_step(eps, t, ts[i + 1] if i + 1 < len(ts) else -1, x, clip_sample=1.0,
-                            use_clipped_model_output=True)  # fmt: skip
-        else:
-            noise = torch.randn(shape, generator=g) if t > 0 else None
-            x = s.step(eps, t, x, noise, clip_sample=1.0)
 
 
 class _Loud(torch.nn.Module):
@@ -721,32 +626,69 @@ def test_config_presets_build():
     for profile in ("ci", "cpu", "gpu"):
         cfg = ddpm.DDPMConfig.preset(profile)
         assert cfg.num_steps == 1000
-        model = ddpm.DDPM.from_config(cfg)
+        model = ddpm.LitDDPM.from_config(cfg)
         assert model.model.patch == cfg.patch
-        lat = ddpm.DDPM.from_config(cfg, latent_shape=(4, 8, 8))
+        lat = ddpm.LitDDPM.from_config(cfg, latent_shape=(4, 8, 8))
         assert lat.hparams.in_channels == 4 and lat.hparams.image_size == 8
+        assert lat.hparams.clip_sample == 0 and lat.hparams.threshold == 0  # latents: never clipped
+        assert lat.hparams.max_steps == cfg.latent_max_steps and lat.hparams.guidance_interval == (0, 1000)
 
 
 def test_latent_unet_has_its_own_attention_flags():
     """The latent U-Net takes ``latent_attention`` (its own levels), not the pixel U-Net's ``attention``."""
     cfg = dataclasses.replace(ddpm.DDPMConfig.preset("ci"), attention=(False, True), latent_attention=(True, False))
-    for net in (ddpm.DDPM.from_config(cfg, latent_shape=(4, 8, 8)).model, cfg.unet(4, 8, latent=True)):
-        assert [not isinstance(a, torch.nn.Identity) for a in net.down_attn] == [True, False]
-    pixel = ddpm.DDPM.from_config(cfg).model
+    net = ddpm.LitDDPM.from_config(cfg, latent_shape=(4, 8, 8)).model
+    assert [not isinstance(a, torch.nn.Identity) for a in net.down_attn] == [True, False]
+    pixel = ddpm.LitDDPM.from_config(cfg).model
     assert [not isinstance(a, torch.nn.Identity) for a in pixel.down_attn] == [False, True]
     with pytest.raises(ValueError, match="one flag per level"):
-        ddpm.DDPM.from_config(dataclasses.replace(cfg, latent_attention=(True,)), latent_shape=(4, 8, 8))
+        ddpm.LitDDPM.from_config(dataclasses.replace(cfg, latent_attention=(True,)), latent_shape=(4, 8, 8))
 
 
-@pytest.mark.parametrize("self_condition", [False, True])
-def test_a_few_steps_lower_the_loss(self_condition):
+def test_litddpm_without_arguments_takes_the_preset(monkeypatch):
+    """LitDDPM() (as `minivfm fit --config configs/ddpm.yaml` builds it) fills every argument from
+    DDPMConfig.preset() of the active profile; hparams hold the filled values, never None."""
+    import inspect
+
+    monkeypatch.setenv("MINIVFM_PROFILE", "ci")
+    cfg = ddpm.DDPMConfig.preset("ci")
+    model = ddpm.LitDDPM()
+    names = set(inspect.signature(ddpm.LitDDPM.__init__).parameters) - {"self", "profile"}
+    assert names <= {f.name for f in dataclasses.fields(cfg)}  # every argument is a config field
+    assert set(model.hparams) == names and all(v is not None for v in model.hparams.values())
+    assert {k: getattr(cfg, k) for k in names} == dict(model.hparams)
+    assert model.model.patch == cfg.patch and model.model.stem.out_channels == cfg.channels[0]
+    assert model.hparams.max_steps == cfg.max_steps
+    cpu = ddpm.LitDDPM(profile="cpu", lr=1e-3)  # an explicit profile, and an argument that wins over it
+    assert cpu.hparams.channels == ddpm.DDPMConfig.preset("cpu").channels and cpu.hparams.lr == 1e-3
+    assert "profile" not in cpu.hparams
+    # the same model again from its hparams (as a checkpoint reloads it)
+    again = ddpm.LitDDPM(**model.hparams)
+    assert dict(again.hparams) == dict(model.hparams)
+    images, labels = model.generate(3, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (3, 3, 32, 32) and labels.tolist() == [0, 1, 2] and torch.isfinite(images).all()
+
+
+def test_latent_helpers_shapes():
+    from minivfm.models.vae import VAE, decode_latents, encode_latents
+
+    vae = VAE(3, 32, (16, 32), 4).eval()
+    x, _ = _shapes(5)
+    z = encode_latents(vae, x, batch_size=2)
+    assert z.shape == (5, 4, 8, 8)
+    with torch.no_grad():
+        _close(z, vae.encode(x)[0], atol=1e-5)  # batched: equal up to the convolutions' float rounding
+    out = decode_latents(vae, z, batch_size=2)
+    assert out.shape == x.shape and out.abs().max() <= 1
+
+
+def test_a_few_steps_lower_the_loss():
     """Overfit a fixed batch for a few optimizer steps: the loss on fixed (t, noise) must drop."""
     import lightning as L
 
     L.seed_everything(0)
-    cfg = dataclasses.replace(ddpm.DDPMConfig.preset("ci"), self_condition=self_condition)
-    model = ddpm.DDPM.from_config(cfg)
-    x, y = ddpm.shapes_tensors(32, seed=0)
+    model = ddpm.LitDDPM.from_config(ddpm.DDPMConfig.preset("ci"))
+    x, y = _shapes(32)
     g = torch.Generator().manual_seed(0)
     t = torch.randint(0, 1000, (32,), generator=g)
     eps = torch.randn(x.shape, generator=g)
@@ -757,7 +699,7 @@ def test_a_few_steps_lower_the_loss(self_condition):
 
     before = fixed_loss()
     opt = torch.optim.AdamW(model.model.parameters(), lr=2e-3)
-    for _ in range(60 if self_condition else 30):  # the wider stem starts a little slower
+    for _ in range(30):
         loss = ddpm.ddpm_loss(model.model(model.schedule.add_noise(x, eps, t), t, y), eps)
         opt.zero_grad()
         loss.backward()
@@ -772,8 +714,8 @@ def test_lightning_training_and_ema():
 
     L.seed_everything(0)
     cfg = ddpm.DDPMConfig.preset("ci")
-    model = ddpm.DDPM.from_config(cfg)
-    x, y = ddpm.shapes_tensors(128, seed=0)
+    model = ddpm.LitDDPM.from_config(cfg)
+    x, y = _shapes(128)
     ema_before = [p.clone() for p in model.ema.parameters()]
     ddpm.fit(model, x, y, batch_size=32, max_steps=8, profile="ci")
     assert model.global_step == 8

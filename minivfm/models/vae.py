@@ -55,6 +55,9 @@ __all__ = [
     "LitVAE",
     "LitVQVAE",
     "results",
+    "train_vae",
+    "encode_latents",
+    "decode_latents",
 ]
 
 
@@ -641,3 +644,35 @@ def results_vqvae(profile: str) -> dict:
         "recon_mse": recon_mse, "codes_used": float(used), "seconds": seconds,
         "baselines": {"recon_mse": mean_mse, "codes_used": 1 / cfg.num_codes},
     }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- latents for diffusion (lesson 03)
+
+
+def train_vae(profile: str, images: Tensor, labels: Tensor) -> VAE:
+    """Train the VAE of ``VAEConfig.preset(profile)`` on the first ``num_train`` of ``images`` ``(N, C, H, W)``
+    in [-1, 1] (``labels`` ``(N,)`` ride along) for ``max_epochs`` epochs; returns the :class:`VAE` in eval mode."""
+    cfg = VAEConfig.preset(profile)
+    model = LitVAE.from_config(cfg)
+    n = min(len(images), cfg.num_train)
+    data = torch.utils.data.StackDataset(image=images[:n], label=labels[:n].long())
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    trainer = L.Trainer(max_steps=cfg.max_epochs * len(loader), accelerator="auto", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        precision="bf16-mixed" if minivfm.profile(profile) == "gpu" else "32-true")  # fmt: skip
+    trainer.fit(model, loader)
+    return model.model.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae: VAE, images: Tensor, batch_size: int = 512) -> Tensor:
+    """The posterior means of ``images`` ``(N, C, H, W)`` under ``vae``: latents ``(N, Z, h, w)`` on the CPU."""
+    device = next(vae.parameters()).device
+    return torch.cat([vae.encode(x.to(device))[0].cpu() for x in images.split(batch_size)])
+
+
+@torch.no_grad()
+def decode_latents(vae: VAE, z: Tensor, batch_size: int = 512) -> Tensor:
+    """Latents ``(N, Z, h, w)`` decoded by ``vae``: images ``(N, C, H, W)`` in [-1, 1] on the CPU."""
+    device = next(vae.parameters()).device
+    return torch.cat([vae.decode(x.to(device)).clamp(-1, 1).cpu() for x in z.split(batch_size)])
