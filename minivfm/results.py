@@ -85,8 +85,8 @@ def table(results: dict[str, dict], profile_name: str) -> str:
         secs = metrics.get("seconds", float("nan"))
         baselines = metrics.get("baselines", {})
         for key, value in metrics.items():
-            if key in ("seconds", "baselines"):
-                continue
+            if key.endswith("seconds") or key in ("baselines", "num_samples"):
+                continue  # timings and sizes stay in the JSON
             base = f"{baselines[key]:.4g}" if key in baselines else ""
             lines.append(f"| {name} | {key} | {value:.4g} | {base} | {secs:.0f} |")
     return "\n".join(lines)

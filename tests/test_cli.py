@@ -32,18 +32,30 @@ def test_every_model_has_a_config():
     assert {p.stem for p in CONFIGS} >= {"vae", "vqvae", "gan", "ddpm", "vit"}
 
 
-def _printed_config(*args) -> dict:
+@pytest.fixture
+def printed_config(capsys, monkeypatch):
+    """``minivfm fit ARGS --print_config`` under ci, in this process (a subprocess costs seconds of imports)."""
     import yaml
 
-    out = run("fit", *args, "--print_config")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return yaml.safe_load(out.stdout)
+    from minivfm.cli import main
+
+    monkeypatch.setenv("MINIVFM_PROFILE", "ci")
+    monkeypatch.chdir(ROOT)
+
+    def printed(*args) -> dict:
+        capsys.readouterr()
+        assert main(["fit", *args, "--print_config"]) == 0
+        return yaml.safe_load(capsys.readouterr().out)
+
+    return printed
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_print_config_shows_the_values_that_will_be_used(config):
+def test_print_config_shows_the_values_that_will_be_used(config, printed_config):
     """No ``null`` left in the model's arguments: the preset and the linked data sizes fill them."""
-    printed = _printed_config("--config", str(config))
+    printed = printed_config("--config", str(config))
+    assert printed["model"]["class_path"].startswith(f"minivfm.models.{config.stem.replace('vq', '')}.")
+    assert printed["data"]["class_path"] == "minivfm.data.ShapesDataModule"
     model = printed["model"]["init_args"]
     assert model and all(v is not None for v in model.values()), model
     assert "profile" not in model
@@ -53,19 +65,12 @@ def test_print_config_shows_the_values_that_will_be_used(config):
     assert data["batch_size"] and data["num_train"], data
 
 
-def test_data_sizes_reach_the_model_through_links():
-    printed = _printed_config("--config", "configs/gan.yaml", "--data", "minivfm.data.DigitsDataModule")
+def test_data_sizes_reach_the_model_through_links(printed_config):
+    printed = printed_config("--config", "configs/gan.yaml", "--data", "minivfm.data.DigitsDataModule")
     model = printed["model"]["init_args"]
     assert (model["in_channels"], model["num_classes"], model["image_size"]) == (1, 10, 32), model
-    vit = _printed_config("--config", "configs/vit.yaml", "--data.init_args.image_size", "24")
+    vit = printed_config("--config", "configs/vit.yaml", "--data.init_args.image_size", "24")
     assert (vit["model"]["init_args"]["image_size"], vit["model"]["init_args"]["in_chans"]) == (24, 3)
-
-
-def test_print_config_resolves_the_vit_config():
-    out = run("fit", "--config", "configs/vit.yaml", "--print_config")
-    assert out.returncode == 0, out.stderr
-    assert "minivfm.models.vit.ViTClassifier" in out.stdout
-    assert "minivfm.data.ShapesDataModule" in out.stdout
 
 
 # what `minivfm fit` prints and draws for each kind of model

@@ -775,11 +775,19 @@ def test_lesson_checks_pass_the_library_and_catch_mistakes(capsys):
 @pytest.mark.slow
 def test_results_ci_runs_and_reports_every_metric():
     out = ddpm.results("ci")
-    for key in ["sample_fd", "sample_acc", "ddim_sample_fd", "latent_sample_fd", "real_fd", "seconds",
-                "ancestral_seconds", "ddim_seconds"]:  # fmt: skip
+    shapes = [f"{p}sample_acc_{s}" for p in ("", "ddim_") for s in ("circle", "square", "triangle")]
+    for key in ["sample_fd", "sample_acc", "ddim_sample_fd", "latent_sample_fd", "seconds",
+                "ancestral_seconds", "ddim_seconds", *shapes]:  # fmt: skip
         assert key in out and math.isfinite(out[key]), key
     assert 0 <= out["sample_acc"] <= 1
-    assert out["real_fd"] < out["sample_fd"]  # 150 ci steps are far from real images
+    # the accuracy by shape, weighted by how often each shape was asked for, is the whole accuracy
+    asked = (torch.arange(int(out["num_samples"])) % 12 // 4).bincount(minlength=3).float()
+    by_shape = torch.tensor([out[k] for k in shapes[:3]])
+    assert (by_shape * asked).sum().item() / asked.sum().item() == pytest.approx(out["sample_acc"], abs=1e-6)
+    base = out["baselines"]
+    assert set(base) == {k for k in out if "sample_acc" in k or "sample_fd" in k}
+    assert base["sample_acc"] == pytest.approx(1 / 12) and base["sample_acc_square"] == pytest.approx(1 / 12)
+    assert base["sample_fd"] < out["sample_fd"]  # the real-data floor; 150 ci steps are far from it
     assert out["ddim_seconds"] < out["ancestral_seconds"]
 
 

@@ -87,9 +87,8 @@ def posterior_mean_x0(x0: Tensor, x_t: Tensor, t: int, alphas_cumprod: Tensor) -
 
 
 def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float | None = None) -> Tensor:
-    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): per sample, s is the ``ratio`` quantile
-    of |x_0| (at least 1, at most ``max_value``); x_0 is clamped to [-s, s] and divided by s, which unlike
-    clipping does not saturate whole regions. Equals diffusers' ``thresholding=True``."""
+    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3; diffusers' ``thresholding=True``): per sample,
+    s is the ``ratio`` quantile of |x_0| (in [1, ``max_value``]); x_0 is clamped to [-s, s] and divided by s."""
     _check("ratio", ratio, 0, 1, open_low=True)
     flat = x0.reshape(x0.shape[0], -1).float()  # (B, CHW); quantile needs float32 or float64
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value)[:, None]  # (B, 1)
@@ -429,9 +428,8 @@ def sample_ddim(
     guidance_scale: float = 1.0, num_steps: int = 50, eta: float = 0.0, generator: torch.Generator | None = None,
     clip_sample: float | None = 1.0, threshold: float | None = None, guidance_interval: tuple[int, int] | None = None,
 ) -> Tensor:  # fmt: skip
-    """DDIM (Song et al. eq. 12) on ``num_steps`` evenly spaced timesteps, arguments as :func:`sample_ancestral`.
-    When x_0 is limited, each step re-derives eps from it (``use_clipped_model_output``): a strongly guided
-    eps that disagrees with its x_0 sends the sample out of range."""
+    """DDIM (Song et al. eq. 12) on ``num_steps`` evenly spaced timesteps, arguments as :func:`sample_ancestral`;
+    a limited x_0 re-derives eps (a strongly guided eps that disagrees with it sends the sample out of range)."""
     interval = _check_interval(guidance_interval, schedule.num_steps)
     device = next(model.parameters()).device
     x = torch.randn(shape, generator=generator).to(device)
@@ -628,13 +626,17 @@ def fit(module: L.LightningModule, images: Tensor, labels: Tensor, batch_size: i
 
 
 def _score(out: dict, name: str, draw, y: Tensor, prefix: str = "") -> None:
-    """Time ``draw()``; add ``{name}_seconds``, ``{prefix}sample_fd`` and ``{prefix}sample_acc`` to ``out``."""
+    """Time ``draw()``; add ``{name}_seconds``, ``{prefix}sample_fd``, ``{prefix}sample_acc`` and, for pixels,
+    ``{prefix}sample_acc_{shape}`` (the samples asked for that shape, any colour) to ``out``."""
     from minivfm import metrics
+    from minivfm.data import Shapes
 
-    t = time.perf_counter()
-    x = draw().float().cpu()
+    t, x = time.perf_counter(), draw().float().cpu()
     out[f"{name}_seconds"] = time.perf_counter() - t
     out.update({f"{prefix}sample_fd": float(metrics.sample_fd(x)), f"{prefix}sample_acc": metrics.sample_acc(x, y)})
+    right, data = metrics.reference_predict(x) == y, Shapes(1)  # class k: colour k % 4 of shape k // 4
+    for i, shape in enumerate(data.shapes if prefix != "latent_" else ()):
+        out[f"{prefix}sample_acc_{shape}"] = right[y // len(data.colors) == i].float().mean().item()
 
 
 def results_pixel(profile: str) -> dict[str, float]:
@@ -646,8 +648,7 @@ def results_pixel(profile: str) -> dict[str, float]:
     L.seed_everything(0, workers=True)
     data = shapes_in_memory(cfg.num_train, cfg.image_size, seed=0)
     images, labels = data.images * 2 - 1, data.labels  # [-1, 1]
-    model = LitDDPM.from_config(cfg)
-    t0 = time.perf_counter()
+    model, t0 = LitDDPM.from_config(cfg), time.perf_counter()
     fit(model, images, labels, cfg.batch_size, cfg.max_steps, profile)
     n, y = cfg.num_samples, torch.arange(cfg.num_samples) % cfg.num_classes
     out = {"train_seconds": time.perf_counter() - t0, "num_samples": float(n), "real_fd": float(metrics.real_fd(n))}
@@ -660,8 +661,8 @@ def results_pixel(profile: str) -> dict[str, float]:
 
 
 def results_latent(profile: str) -> dict[str, float]:
-    """The latent-diffusion half of :func:`results`: train minivfm's VAE, then the same DDPM on its
-    latents (posterior means scaled to unit variance, LDM's scale factor), DDIM-sample and decode."""
+    """The latent half of :func:`results`: minivfm's VAE, then the DDPM on its latents (posterior means scaled
+    to unit variance, LDM's scale factor), DDIM-sampled and decoded."""
     from minivfm import metrics
     from minivfm.data import shapes_in_memory
     from minivfm.models.vae import decode_latents, encode_latents, train_vae
@@ -670,8 +671,7 @@ def results_latent(profile: str) -> dict[str, float]:
     L.seed_everything(1, workers=True)
     data = shapes_in_memory(cfg.num_train, cfg.image_size, seed=0)
     images, labels = data.images * 2 - 1, data.labels
-    t0 = time.perf_counter()
-    vae = train_vae(profile, images, labels)
+    t0, vae = time.perf_counter(), train_vae(profile, images, labels)
     z = encode_latents(vae, images)
     scale, n = 1.0 / z.std().item(), cfg.num_samples
     out = {"vae_train_seconds": time.perf_counter() - t0,
@@ -689,10 +689,12 @@ def results_latent(profile: str) -> dict[str, float]:
 def results(profile: str) -> dict[str, float]:
     """Train the pixel-space and the latent DDPM under ``profile``; score ``cfg.num_samples`` guided samples of
     each (labels cycling through the classes): ``sample_fd``, ``sample_acc`` (1000 ancestral steps), ``ddim_*``
-    (50 DDIM steps), ``latent_*`` (DDIM on the VAE's latents, decoded), ``real_fd`` (real images: the floor),
-    ``vae_recon_fd`` (the VAE's reconstructions: the latent model's ceiling) and ``*_seconds``."""
+    (50 DDIM steps), ``latent_*`` (DDIM on the VAE's latents, decoded), ``*sample_acc_{circle,square,triangle}``
+    (by the shape asked for), ``vae_recon_fd`` (the VAE's reconstructions: the latent model's ceiling),
+    ``*_seconds`` and ``baselines`` (chance for the accuracies; for the FDs, ``real_fd``: real images, the floor)."""
     start = time.perf_counter()
-    out = results_pixel(profile)
-    out.update(results_latent(profile))
+    out = {**results_pixel(profile), **results_latent(profile)}
     out["seconds"] = time.perf_counter() - start
+    chance, floor = 1 / DDPMConfig.preset(profile).num_classes, out.pop("real_fd")
+    out["baselines"] = {k: chance if "sample_acc" in k else floor for k in out if "sample_acc" in k or "sample_fd" in k}
     return out
