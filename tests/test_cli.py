@@ -80,6 +80,7 @@ EXPECTED = {
     "vqvae": (["test/recon_mse = ", "test/codes_used = "], ["reconstructions.png"]),
     "gan": (["sample_fd = ", "sample_acc = "], ["samples.png"]),
     "ddpm": (["test/loss = ", "sample_fd = ", "sample_acc = "], ["samples.png"]),
+    "mae": (["test/loss = "], ["reconstructions.png"]),
 }
 
 
