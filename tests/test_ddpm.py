@@ -739,8 +739,13 @@ def test_lesson_checks_pass_the_library_and_catch_mistakes(capsys):
     checks.check_posterior_mean_x0(ddpm.posterior_mean_x0)
     checks.check_ddim_update(ddpm.ddim_update)
     checks.check_cfg_mix(ddpm.cfg_mix)
+
+    def diffusion_loss(net, x0, y, t, noise, ac, weight=None):  # the library's pieces, as Algorithm 1
+        return ddpm.ddpm_loss(net(ddpm.q_sample(x0, t, noise, ac), t, y), noise, weight)
+
+    checks.check_diffusion_loss(diffusion_loss)
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 4 and all(line.startswith("✓ ") for line in lines)
+    assert len(lines) == 5 and all(line.startswith("✓ ") for line in lines)
 
     def q_no_broadcast(x0, t, noise, ac):  # forgets sqrt on the noise coefficient
         a = ac[t].reshape(-1, *([1] * (x0.ndim - 1)))
@@ -758,6 +763,20 @@ def test_lesson_checks_pass_the_library_and_catch_mistakes(capsys):
     def cfg_wrong(c, u, s):
         return c + s * (c - u)
 
+    def loss_unweighted(net, x0, y, t, noise, ac, weight=None):  # ignores the Min-SNR weights
+        return ddpm.ddpm_loss(net(ddpm.q_sample(x0, t, noise, ac), t, y), noise)
+
+    def loss_per_sample(net, x0, y, t, noise, ac, weight=None):  # forgets the mean over the batch
+        err = (net(ddpm.q_sample(x0, t, noise, ac), t, y) - noise).pow(2).flatten(1).mean(1)
+        return err if weight is None else err * weight
+
+    def loss_detached(net, x0, y, t, noise, ac, weight=None):  # the right value, but no gradient
+        return diffusion_loss(net, x0, y, t, noise, ac, weight).detach()
+
+    def loss_wrong_weight_shape(net, x0, y, t, noise, ac, weight=None):  # a raw broadcasting error
+        err = (net(ddpm.q_sample(x0, t, noise, ac), t, y) - noise).pow(2).flatten(1).mean(1)
+        return (err if weight is None else err * weight[:3]).mean()
+
     def not_done(*args):
         raise NotImplementedError()
 
@@ -766,10 +785,16 @@ def test_lesson_checks_pass_the_library_and_catch_mistakes(capsys):
         (checks.check_posterior_mean_x0, pm_wrap_around),
         (checks.check_ddim_update, ddim_last_step),
         (checks.check_cfg_mix, cfg_wrong),
+        (checks.check_diffusion_loss, loss_unweighted),
+        (checks.check_diffusion_loss, loss_per_sample),
+        (checks.check_diffusion_loss, loss_detached),
+        (checks.check_diffusion_loss, loss_wrong_weight_shape),
         (checks.check_q_sample, not_done),
     ]:
         with pytest.raises(AssertionError):
             check(bad)
+    with pytest.raises(AssertionError, match="shape error inside your function"):
+        checks.check_diffusion_loss(loss_wrong_weight_shape)
 
 
 @pytest.mark.slow

@@ -35,6 +35,16 @@ def call(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except NotImplementedError as err:
         raise AssertionError(f"{name}: not implemented yet; fill in the exercise cell above") from err
+    except RuntimeError as err:  # a broadcasting or matmul error: say what to look at
+        text = str(err)
+        if any(word in text for word in ("size of tensor", "shape", "broadcast", "dimension", "mat1 and mat2")):
+            shapes = ", ".join(fmt_shape(a.shape) for a in args if isinstance(a, torch.Tensor))
+            raise AssertionError(
+                f"{name}: a shape error inside your function ({text.splitlines()[0]}). It was called with "
+                f"tensors of shapes {shapes}: print the shape of each intermediate tensor and compare it with "
+                "the shapes the exercise text gives"
+            ) from err
+        raise
 
 
 def assert_tensor(name: str, value: Any, shape: Sequence[int] | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Checks for lesson 03 (DDPM): forward noising, the x0-form posterior mean, DDIM, guidance.
+"""Checks for lesson 03 (DDPM): forward noising, the training loss, the x0-form posterior mean, DDIM, guidance.
 
 Each check calls the student's function on fixed seeded random inputs, compares it with
 :mod:`minivfm.models.ddpm`, and prints one deterministic line.
@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from minivfm.course.checks import assert_close, call, check_close, passed
+from minivfm.course.checks import assert_close, call, check_close, fmt_shape, passed
 from minivfm.models import ddpm
 
 SHAPE = (8, 3, 16, 16)
@@ -40,6 +40,47 @@ def check_q_sample(fn: Callable) -> None:
     t = torch.tensor([0, 5, 50, 500])
     assert_close("q_sample on (B, D) inputs", call("q_sample", fn, x0, t, noise, ac), ddpm.q_sample(x0, t, noise, ac))
     passed("q_sample", f"shape {_fmt(SHAPE)}, values match (linear and cosine schedules)")
+
+
+class _TinyDenoiser(torch.nn.Module):
+    """A stand-in for the U-Net: eps(x_t, t, y) = conv(x_t) + a class embedding scaled by t / T."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.embed = torch.nn.Embedding(13, 3)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.embed(y)[:, :, None, None] * (t.float() / 1000)[:, None, None, None]
+
+
+def check_diffusion_loss(fn: Callable) -> None:
+    """``fn(net, x0, y, t, noise, alphas_cumprod, weight=None)`` is DDPM Algorithm 1's loss (eq. 14), each
+    sample's mean squared error multiplied by ``weight`` ``(B,)`` if given, averaged over the batch."""
+    with torch.random.fork_rng():
+        net = _TinyDenoiser()
+    ac = ddpm.NoiseSchedule(1000, "cosine").alphas_cumprod
+    x0, noise = _inputs(4, 2)
+    y, t = torch.arange(SHAPE[0]) % 13, torch.tensor([0, 3, 40, 250, 500, 750, 990, 999])
+    weight = torch.linspace(0.1, 1.0, SHAPE[0])
+    for w in (None, weight):
+        name = "diffusion_loss" + ("" if w is None else " with weight")
+        got = call("diffusion_loss", fn, net, x0, y, t, noise, ac, w)
+        if isinstance(got, torch.Tensor) and got.ndim:
+            shape = fmt_shape(got.shape)
+            raise AssertionError(f"{name}: expected a scalar (the mean over the batch), got shape {shape}")
+        with torch.no_grad():
+            expected = ddpm.ddpm_loss(net(ddpm.q_sample(x0, t, noise, ac), t, y), noise, w)
+        assert_close(name, got, expected, hint="x_t = q_sample(x0, t, noise, alphas_cumprod) with your exercise 1; "
+                     "the loss is the mean of (net(x_t, t, y) - noise)^2 over each sample's pixels, times its weight, "
+                     "then the mean over the batch")  # fmt: skip
+    net.zero_grad()
+    if got.requires_grad:
+        got.backward()
+    if not got.requires_grad or any(p.grad is None or not p.grad.abs().sum() for p in net.parameters()):
+        raise AssertionError("diffusion_loss: no gradient reaches the network (no .detach(), no .item())")
+    passed("diffusion_loss", "values match with and without Min-SNR weights, gradients reach the network")
 
 
 def check_posterior_mean_x0(fn: Callable) -> None:
