@@ -29,12 +29,19 @@ def fmt_shape(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
 
-def call(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call the student's ``fn``; turn ``NotImplementedError`` into a clear failure."""
+def call_plain(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call the student's ``fn``; turn ``NotImplementedError`` into a clear failure (other errors pass:
+    for checks that give their own hint)."""
     try:
         return fn(*args, **kwargs)
     except NotImplementedError as err:
         raise AssertionError(f"{name}: not implemented yet; fill in the exercise cell above") from err
+
+
+def call(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """:func:`call_plain`, and a shape error inside ``fn`` becomes a failure that says what to look at."""
+    try:
+        return call_plain(name, fn, *args, **kwargs)
     except RuntimeError as err:  # a broadcasting or matmul error: say what to look at
         text = str(err)
         if any(word in text for word in ("size of tensor", "shape", "broadcast", "dimension", "mat1 and mat2")):

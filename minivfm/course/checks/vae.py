@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from minivfm.course.checks import assert_close, assert_tensor, call, fmt_shape, passed
+from minivfm.course.checks import assert_close, assert_tensor, call, call_plain, fmt_shape, passed
 from minivfm.models import vae as ref
 
 __all__ = ["check_reparameterize", "check_kl_divergence", "check_elbo_loss", "check_quantize"]
@@ -24,7 +24,7 @@ def _posterior(seed: int, shape=(8, 4, 8, 8)) -> tuple[torch.Tensor, torch.Tenso
 def _run(name: str, fn: Callable, *args: Any, hint: str, what: str = "") -> Any:
     """``call`` the student's ``fn``; an error inside it becomes an ``AssertionError`` with ``hint``."""
     try:
-        return call(name, fn, *args)
+        return call_plain(name, fn, *args)
     except AssertionError:
         raise
     except Exception as err:  # a shape or type mistake inside the student's code
