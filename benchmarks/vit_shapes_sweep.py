@@ -22,18 +22,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from minivfm.data import Shapes
+from minivfm.data import shapes_in_memory
 from minivfm.models.vit import ViT, random_shift, warmup_cosine
 
 
-def render(num: int, seed: int, chunk: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
-    ds = Shapes(num_samples=num, seed=seed, image_size=32)
-    images, labels = [], []
-    for start in range(0, num, chunk):
-        batch = ds.get_batch(range(start, min(num, start + chunk)))
-        images.append(batch["image"])
-        labels.append(torch.as_tensor(batch["label"]))
-    return torch.cat(images), torch.cat(labels)  # (N, 3, 32, 32), (N,)
+def render(num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    data = shapes_in_memory(num, 32, seed)
+    return data.images * 2 - 1, data.labels  # (N, 3, 32, 32) in [-1, 1], (N,)
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
