@@ -141,13 +141,20 @@ def fill_from_preset(module, preset) -> None:
     """
     import inspect
 
-    params = inspect.signature(type(module).__init__).parameters
+    # the named arguments of every __init__ up the class tree (a lesson's subclass may take **kwargs)
+    params: dict[str, inspect.Parameter] = {}
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith(("lightning", "torch")):
+            break
+        if "__init__" in vars(cls):
+            for name, param in inspect.signature(cls.__init__).parameters.items():
+                if name not in ("self", "profile") and param.kind is param.POSITIONAL_OR_KEYWORD:
+                    params.setdefault(name, param)
     # under LightningCLI, save_hyperparameters() records the config's init_args, linked sizes that
     # this model does not take included, and only those: keep the arguments, fill in the defaults
     hparams = {k: v for k, v in module.hparams.items() if k in params or k.startswith("_")}
     for name, param in params.items():
-        if name not in ("self", "profile") and param.kind is param.POSITIONAL_OR_KEYWORD:
-            hparams.setdefault(name, param.default)
+        hparams.setdefault(name, param.default)
     for key, value in hparams.items():
         if value is None and hasattr(preset, key):
             hparams[key] = getattr(preset, key)

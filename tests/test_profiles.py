@@ -84,3 +84,17 @@ def test_busy_cores_reads_proc_stat() -> None:
 
     busy = _busy_cores(0.05)
     assert busy is None or -0.01 <= busy <= (__import__("os").cpu_count() or 1) + 0.01
+
+
+def test_fill_from_preset_reaches_through_a_subclass_that_takes_kwargs() -> None:
+    """Lesson 04 subclasses ViTClassifier with ``__init__(self, **kwargs)``: the preset must still fill it."""
+    from minivfm.models.vit import ViTClassifier, ViTConfig
+
+    class Yours(ViTClassifier):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+
+    model = Yours(profile="ci", depth=1)
+    cfg = ViTConfig.preset("ci")
+    assert model.hparams["depth"] == 1 and model.hparams["embed_dim"] == cfg.embed_dim
+    assert all(v is not None for v in model.hparams.values())
