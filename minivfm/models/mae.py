@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minivfm.models.vit import ViT, patchify, unpatchify, warmup_cosine
+from minivfm.models.vit import ViT, adamw_warmup_cosine, patchify, unpatchify
 from minivfm.nn import Block, PatchEmbed, sincos_pos_embed_2d
 from minivfm.profiles import fill_from_preset
 from minivfm.profiles import profile as _profile
@@ -389,23 +389,8 @@ class LitMAE(L.LightningModule):
         return self._step(batch, "test")
 
     def configure_optimizers(self):
-        return _optimizer(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_epochs, (0.9, 0.95))
-
-
-def _optimizer(module: L.LightningModule, lr: float, weight_decay: float, warmup_epochs: float, betas: tuple):
-    """AdamW, no decay on biases, norms, tokens and positions; warmup then cosine, per step."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            skip = p.ndim < 2 or name.endswith(("cls_token", "pos_embed", "mask_token"))
-            (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas)
-    total = max(1, int(module.trainer.estimated_stepping_batches))
-    epochs = module.trainer.max_epochs if module.trainer.max_epochs and module.trainer.max_epochs > 0 else 1
-    warmup = min(total - 1, int(round(warmup_epochs * total / epochs)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total))
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        hp = self.hparams
+        return adamw_warmup_cosine(self, hp.lr, hp.weight_decay, hp.warmup_epochs, (0.9, 0.95))
 
 
 class _FineTune(L.LightningModule):
@@ -419,7 +404,7 @@ class _FineTune(L.LightningModule):
         return F.cross_entropy(self.model(batch["image"]), batch["label"], label_smoothing=0.1)
 
     def configure_optimizers(self):
-        return _optimizer(self, self.lr, self.weight_decay, self.warmup_epochs, (0.9, 0.999))
+        return adamw_warmup_cosine(self, self.lr, self.weight_decay, self.warmup_epochs, (0.9, 0.999))
 
 
 # -- results ----------------------------------------------------------------------------------------

@@ -460,21 +460,25 @@ class ViTClassifier(L.LightningModule):
         return self._step(batch, "test")
 
     def configure_optimizers(self):
-        # weight decay on weight matrices only: not on biases, norms, the class token or the positions
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            skip = p.ndim < 2 or name.endswith(("cls_token", "pos_embed"))
+        hp = self.hparams
+        return adamw_warmup_cosine(self, hp.lr, hp.weight_decay, hp.warmup_epochs, (0.9, 0.999))
+
+
+def adamw_warmup_cosine(module: L.LightningModule, lr: float, weight_decay: float, warmup_epochs: float, betas: tuple):
+    """AdamW with weight decay on weight matrices only (not on biases, norms, tokens or positions, nor
+    on frozen parameters); linear warmup for ``warmup_epochs``, then cosine decay, stepped per batch."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            skip = p.ndim < 2 or name.endswith(("cls_token", "pos_embed", "mask_token"))
             (no_decay if skip else decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, 0.999))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = min(total - 1, int(round(self.hparams.warmup_epochs * total / epochs)))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas)
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    epochs = module.trainer.max_epochs if module.trainer.max_epochs and module.trainer.max_epochs > 0 else 1
+    warmup = min(total - 1, int(round(warmup_epochs * total / epochs)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 # -- results ----------------------------------------------------------------------------------------
