@@ -15,6 +15,10 @@ Sample quality for all generators (VAE, GAN, DDPM) is measured the same way:
 Representation metrics: :func:`knn_accuracy` (the weighted k-NN probe of DINO, Caron et al. 2021)
 and :func:`linear_probe` (logistic regression on frozen features).
 
+Attention as segmentation (DINO, "Probing the self-attention map"): :func:`attention_mask` keeps the patches
+that hold 60% of the class token's attention mass, :func:`mask_iou` scores binary masks, and
+:func:`attn_miou` scores attention masks against foreground masks.
+
 Shape glossary: N images or feature vectors, D feature width, K classes.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from functools import lru_cache
@@ -46,6 +51,9 @@ __all__ = [
     "sample_acc",
     "knn_accuracy",
     "linear_probe",
+    "attention_mask",
+    "mask_iou",
+    "attn_miou",
 ]
 
 REFERENCE_PATH = Path(__file__).parent / "assets" / "shapes_classifier.safetensors"
@@ -392,6 +400,108 @@ def linear_probe(
     opt.step(closure)
     with torch.no_grad():
         return (head(xte).argmax(1) == test_labels).float().mean().item()
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention maps as masks (DINO)
+# --------------------------------------------------------------------------------------------------
+
+
+def attention_mask(attn_cls: Tensor, mass: float = 0.6) -> Tensor:
+    """Keep the patches holding ``mass`` of the attention (DINO's thresholded attention maps).
+
+    Along the last dimension: the fewest largest entries whose share of the total reaches ``mass``
+    (as DINO's ``visualize_attention.py``), and every entry tied with the smallest one kept, so
+    that the mask does not depend on the order of ties (uniform attention keeps every patch).
+
+    Arguments:
+        attn_cls: the class token's attention to the N patch tokens, ``(..., N)``, non-negative
+            (e.g. ``attn[:, :, 0, 1:]`` of one block, ``(B, heads, N)``, or its mean over heads).
+        mass: the share of the attention to keep, in ``(0, 1]``.
+
+    Returns:
+        A bool tensor of ``attn_cls``'s shape, True for a kept patch.
+    """
+    if not isinstance(attn_cls, Tensor) or attn_cls.ndim < 1 or attn_cls.shape[-1] < 1:
+        got = tuple(attn_cls.shape) if isinstance(attn_cls, Tensor) else type(attn_cls).__name__
+        raise ValueError(f"attn_cls: expected a tensor (..., N) of attention over N >= 1 patches, got {got}")
+    if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not 0.0 < mass <= 1.0:
+        raise ValueError(f"mass: expected a fraction in (0, 1], got {mass!r}")
+    a = attn_cls.detach().double()
+    if not torch.isfinite(a).all() or (a < 0).any():
+        raise ValueError("attn_cls: expected finite, non-negative attention weights")
+    total = a.sum(-1, keepdim=True)  # (..., 1)
+    if (total <= 0).any():
+        raise ValueError("attn_cls: every attention map must have a positive sum")
+    ranked = a.sort(dim=-1, descending=True).values  # (..., N)
+    share = (ranked / total).cumsum(-1)  # (..., N), the share of the top 1, 2, ... patches
+    # the rank of the last patch kept (a share within rounding of ``mass`` counts as reaching it)
+    last = (share < mass - 1e-6).sum(-1, keepdim=True).clamp(max=a.shape[-1] - 1)  # (..., 1)
+    return a >= ranked.gather(-1, last)  # (..., N)
+
+
+def mask_iou(pred: Tensor, target: Tensor) -> Tensor:
+    """Intersection over union of binary masks, one value per mask.
+
+    Arguments:
+        pred: ``(B, H, W)`` bool (or 0/1) masks.
+        target: ``(B, H, W)``, the same shape.
+
+    Returns:
+        ``(B,)`` float IoUs; 1 where both masks are empty.
+    """
+    for name, m in (("pred", pred), ("target", target)):
+        if not isinstance(m, Tensor) or m.ndim != 3:
+            got = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+            raise ValueError(f"{name}: expected masks of shape (B, H, W), got {got}")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target: expected the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    pred, target = pred.bool(), target.bool()
+    inter = (pred & target).flatten(1).sum(1).float()  # (B,)
+    union = (pred | target).flatten(1).sum(1).float()  # (B,)
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def attn_miou(attn_cls: Tensor, masks: Tensor, mass: float = 0.6) -> float:
+    """Mean IoU between thresholded class-token attention and the foreground (the Jaccard
+    similarity of DINO's "Probing the self-attention map", here against Shapes' foreground).
+
+    The heads are averaged first (one map per image, no choice of the best head). The map is
+    thresholded on the token grid (:func:`attention_mask`), each kept token is spread over its P x P
+    patch (nearest upsampling), and that mask is compared with the pixel-exact foreground. The
+    patch grid limits the best score: a 4 x 4 grid cannot trace a circle's edge.
+
+    Arguments:
+        attn_cls: the class token's attention to the patch tokens, ``(B, N)`` or ``(B, heads, N)``,
+            N = h * w on a square grid (``h = w``).
+        masks: foreground ``(B, H, W)``: bool, or instance ids with 0 for the background (Shapes'
+            ``mask``); h must divide H and w divide W.
+        mass: the share of the attention kept (DINO: 0.6).
+
+    Returns:
+        The mean IoU over the B images.
+    """
+    if not isinstance(attn_cls, Tensor) or attn_cls.ndim not in (2, 3):
+        got = tuple(attn_cls.shape) if isinstance(attn_cls, Tensor) else type(attn_cls).__name__
+        raise ValueError(f"attn_cls: expected (B, N) or (B, heads, N) attention, got {got}")
+    if not isinstance(masks, Tensor) or masks.ndim != 3:
+        got = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
+        raise ValueError(f"masks: expected foreground masks of shape (B, H, W), got {got}")
+    if len(attn_cls) != len(masks):
+        raise ValueError(f"attn_cls and masks: expected the same batch size, got {len(attn_cls)} and {len(masks)}")
+    if attn_cls.ndim == 3:
+        attn_cls = attn_cls.float().mean(1)  # (B, N), heads averaged
+    B, N = attn_cls.shape
+    _, H, W = masks.shape
+    h = w = math.isqrt(N)
+    if h * w != N or H % h or W % w:
+        raise ValueError(
+            f"attn_cls: {N} tokens do not form a square grid that divides the {H}x{W} masks "
+            "(expected N = h * h with h dividing H and W)"
+        )
+    keep = attention_mask(attn_cls, mass).reshape(B, h, w)  # (B, h, w)
+    keep = keep.repeat_interleave(H // h, dim=1).repeat_interleave(W // w, dim=2)  # (B, H, W)
+    return mask_iou(keep, masks.to(keep.device) > 0).mean().item()
 
 
 # --------------------------------------------------------------------------------------------------

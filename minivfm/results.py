@@ -30,6 +30,7 @@ MODELS: dict[str, str] = {
     "ddpm": "minivfm.models.ddpm",
     "vit": "minivfm.models.vit",
     "mae": "minivfm.models.mae",
+    "dino": "minivfm.models.dino",
 }
 
 

@@ -81,6 +81,7 @@ EXPECTED = {
     "gan": (["sample_fd = ", "sample_acc = "], ["samples.png"]),
     "ddpm": (["test/loss = ", "sample_fd = ", "sample_acc = "], ["samples.png"]),
     "mae": (["test/loss = "], ["reconstructions.png"]),
+    "dino": (["test/loss = "], []),
 }
 
 

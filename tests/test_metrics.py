@@ -154,3 +154,75 @@ def test_linear_probe():
     assert metrics.linear_probe(xtr, ytr, xte, yte) > 0.9
     with pytest.raises(ValueError, match="same D"):
         metrics.linear_probe(xtr, ytr, xte[:, :3], yte)
+
+
+# -- attention masks (DINO) ---------------------------------------------------------------------------
+
+
+def _dino_threshold(attn: torch.Tensor, mass: float) -> torch.Tensor:
+    """DINO's visualize_attention.py: sort ascending, keep where the cumulative share > 1 - mass."""
+    val, idx = torch.sort(attn, dim=-1)
+    cum = torch.cumsum(val / val.sum(-1, keepdim=True), dim=-1)
+    keep = cum > (1 - mass)
+    return torch.gather(keep, -1, torch.argsort(idx, dim=-1))
+
+
+def test_attention_mask_keeps_the_top_mass():
+    attn = torch.tensor([[0.1, 0.5, 0.1, 0.3], [0.25, 0.25, 0.25, 0.25]])
+    assert metrics.attention_mask(attn, 0.6).tolist() == [[False, True, False, True], [True] * 4]
+    assert metrics.attention_mask(attn, 0.5)[0].tolist() == [False, True, False, False]
+    assert metrics.attention_mask(attn, 0.85)[0].tolist() == [True] * 4  # ties with the last one kept stay
+    # no ties: the same masks as DINO's code, on any leading dimensions, unnormalised weights too
+    attn = torch.rand(3, 4, 16, generator=torch.Generator().manual_seed(0)) * 5
+    for mass in (0.3, 0.6, 0.9):
+        assert torch.equal(metrics.attention_mask(attn, mass), _dino_threshold(attn, mass))
+
+
+def test_attention_mask_errors():
+    with pytest.raises(ValueError, match="mass"):
+        metrics.attention_mask(torch.rand(2, 4), 0.0)
+    with pytest.raises(ValueError, match="mass"):
+        metrics.attention_mask(torch.rand(2, 4), 1.5)
+    with pytest.raises(ValueError, match="attn_cls"):
+        metrics.attention_mask(torch.tensor([[0.5, -0.1]]))
+    with pytest.raises(ValueError, match="attn_cls"):
+        metrics.attention_mask(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="attn_cls"):
+        metrics.attention_mask([0.5, 0.5])
+
+
+def test_mask_iou():
+    a = torch.zeros(3, 4, 4, dtype=torch.bool)
+    b = torch.zeros(3, 4, 4, dtype=torch.bool)
+    a[0, :2], b[0, 1:3] = True, True  # 4 shared of 12
+    a[1], b[1] = True, True
+    torch.testing.assert_close(metrics.mask_iou(a, b), torch.tensor([1 / 3, 1.0, 1.0]))  # both empty: 1
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.mask_iou(a, b[:, :2])
+    with pytest.raises(ValueError, match=r"pred: expected masks of shape \(B, H, W\)"):
+        metrics.mask_iou(a[0], b[0])
+
+
+def test_attn_miou_perfect_uniform_and_errors():
+    masks = torch.zeros(2, 32, 32, dtype=torch.long)
+    masks[0, 8:16, 8:24] = 1  # two patch-aligned 8x8 patches of a 4x4 grid: tokens 5 and 6
+    masks[1, 0:8, 24:32] = 2  # instance ids count as foreground: token 3
+    attn = torch.full((2, 16), 1e-3)
+    attn[0, [5, 6]], attn[1, 3] = 1.0, 1.0
+    assert metrics.attn_miou(attn, masks) == pytest.approx(1.0)
+    heads = torch.stack([attn, attn], 1)  # (B, heads, N): heads are averaged first
+    assert metrics.attn_miou(heads, masks.bool()) == pytest.approx(1.0)
+    # uniform attention keeps every patch: the IoU is the foreground's share of the image
+    assert metrics.attn_miou(torch.ones(2, 16), masks) == pytest.approx((128 / 1024 + 64 / 1024) / 2)
+    # attention on the background only
+    assert metrics.attn_miou(1.0 - attn, masks) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="square grid"):
+        metrics.attn_miou(torch.ones(2, 15), masks)
+    with pytest.raises(ValueError, match="square grid"):
+        metrics.attn_miou(torch.ones(2, 9), masks)  # 3 does not divide 32
+    with pytest.raises(ValueError, match="same batch size"):
+        metrics.attn_miou(torch.ones(3, 16), masks)
+    with pytest.raises(ValueError, match=r"masks: expected foreground masks of shape \(B, H, W\)"):
+        metrics.attn_miou(torch.ones(2, 16), masks[0])
+    with pytest.raises(ValueError, match=r"attn_cls: expected \(B, N\) or \(B, heads, N\)"):
+        metrics.attn_miou(torch.ones(16), masks)

@@ -153,6 +153,34 @@ def test_bad_input_errors() -> None:
         tiny_vit(patch_size=5)
 
 
+def test_dynamic_img_size_resamples_positions_as_timm_does() -> None:
+    """DINO's local crops: a ViT built for 16x16 takes 8x8 and 24x24 inputs with its positions
+    resampled bicubically (timm's resample_abs_pos_embed, antialias off, as DINO's code)."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    vit = tiny_vit(dynamic_img_size=True).eval()  # a 4x4 grid
+    assert vit.interpolate_pos_encoding(16, 16) is vit.pos_embed
+    for size, grid in ((8, 2), (24, 6), (12, 3)):
+        pos = vit.interpolate_pos_encoding(size, size)
+        ref = resample_abs_pos_embed(vit.pos_embed, [grid, grid], [4, 4], num_prefix_tokens=1, antialias=False)
+        torch.testing.assert_close(pos, ref, atol=1e-6, rtol=1e-6)
+        assert vit.forward_features(torch.randn(2, 3, size, size)).shape == (2, 1 + grid * grid, 32)
+    torch.testing.assert_close(vit.interpolate_pos_encoding(8, 16)[:, :1], vit.pos_embed[:, :1])  # class token kept
+    with torch.no_grad():  # a constant grid stays constant
+        vit.pos_embed[:, 1:] = 0.5
+    torch.testing.assert_close(vit.interpolate_pos_encoding(8, 8)[:, 1:], torch.full((1, 4, 32), 0.5))
+    vit.train()
+    vit(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert vit.pos_embed.grad is not None and vit.pos_embed.grad[:, 1:].abs().sum() > 0
+    for stem in ("patch", "conv"):  # only with dynamic_img_size; the sides must still be multiples of P
+        with pytest.raises(ValueError, match="image_size=16x16"):
+            tiny_vit(stem=stem)(torch.randn(1, 3, 8, 8))
+        with pytest.raises(ValueError, match="divisible by patch_size=4"):
+            tiny_vit(stem=stem, dynamic_img_size=True)(torch.randn(1, 3, 10, 10))
+        assert tiny_vit(stem=stem, dynamic_img_size=True)(torch.randn(1, 3, 8, 8)).shape == (1, 5)
+
+
 # -- timm parity ------------------------------------------------------------------------------------
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")

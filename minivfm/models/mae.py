@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minivfm.models.vit import ViT, adamw_warmup_cosine, patchify, unpatchify
-from minivfm.nn import Block, PatchEmbed, sincos_pos_embed_2d
+from minivfm.nn import Block, sincos_pos_embed_2d
 from minivfm.profiles import fill_from_preset
 from minivfm.profiles import profile as _profile
 
@@ -51,7 +51,8 @@ class MAEConfig:
 
     image_size: int = 32
     in_channels: int = 3
-    # the encoder: a ViT with the patch stem
+    # the encoder: a ViT with a stem that keeps each patch to itself ("patch" or "hmlp")
+    stem: str = "patch"
     patch_size: int = 4
     embed_dim: int = 64
     depth: int = 4
@@ -107,7 +108,7 @@ class MAEConfig:
         return dict(
             image_size=self.image_size, patch_size=self.patch_size, in_chans=self.in_channels, num_classes=0,
             embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-            stem="patch",
+            stem=self.stem,
         )  # fmt: skip
 
 
@@ -211,9 +212,10 @@ class MAE(nn.Module):
         super().__init__()
         if not isinstance(encoder, ViT):
             raise ValueError(f"encoder: expected a minivfm ViT, got {type(encoder).__name__}")
-        if type(encoder.patch_embed) is not PatchEmbed:
+        if not encoder.patch_embed.patch_local:
             raise ValueError(
-                f"encoder: MAE needs the patch stem (stem='patch'), got {type(encoder.patch_embed).__name__}: "
+                f"encoder: MAE needs a stem that keeps each patch to itself (stem='patch' or 'hmlp'), got "
+                f"{type(encoder.patch_embed).__name__}: "
                 "a convolution that sees across patch borders leaks the pixels of masked patches into the "
                 "visible tokens"
             )
@@ -334,6 +336,7 @@ class LitMAE(L.LightningModule):
         self,
         in_channels: int | None = None,
         image_size: int | None = None,
+        stem: str | None = None,
         patch_size: int | None = None,
         embed_dim: int | None = None,
         depth: int | None = None,
@@ -356,7 +359,7 @@ class LitMAE(L.LightningModule):
         hp = self.hparams
         encoder = ViT(
             hp.image_size, hp.patch_size, hp.in_channels, 0, hp.embed_dim, hp.depth, hp.num_heads, hp.mlp_ratio,
-            stem="patch",
+            stem=hp.stem,
         )  # fmt: skip
         self.model = MAE(
             encoder, hp.decoder_embed_dim, hp.decoder_depth, hp.decoder_num_heads, hp.mlp_ratio, hp.mask_ratio,

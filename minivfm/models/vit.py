@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minivfm.nn import Block, ConvStem, PatchEmbed
+from minivfm.nn import Block, ConvStem, HMLPStem, PatchEmbed
 from minivfm.profiles import fill_from_preset
 from minivfm.profiles import profile as _profile
 
@@ -51,7 +51,7 @@ class ViTConfig:
     depth: int = 6
     num_heads: int = 3
     mlp_ratio: float = 4.0
-    stem: str = "patch"  # "patch" (the paper's, timm's) or "conv" (Xiao et al. 2021)
+    stem: str = "patch"  # "patch" (the paper's, timm's), "conv" (Xiao et al. 2021) or "hmlp" (Touvron et al. 2022)
     # training
     batch_size: int = 128
     max_epochs: int = 30
@@ -181,10 +181,14 @@ class ViT(nn.Module):
         qkv_bias: bias in the Q, K, V projections.
         stem: ``"patch"``, the paper's (and timm's) linear projection of each patch, or ``"conv"``,
             a few strided 3x3 convolutions (:class:`minivfm.nn.ConvStem`; Xiao et al. 2021) that
-            learn far faster on small data. Either gives ``(H / P) x (W / P)`` tokens.
+            learn far faster on small data, or ``"hmlp"``, 2x2 stride-2 convolutions that stay
+            inside each patch (:class:`minivfm.nn.HMLPStem`; Touvron et al. 2022; MAE needs a stem
+            that keeps each patch to itself). Each gives ``(H / P) x (W / P)`` tokens.
+        dynamic_img_size: also take inputs of other sizes (sides divisible by P), with the learned
+            positions resampled to their grid (:meth:`interpolate_pos_encoding`; DINO's local crops).
     """
 
-    STEMS = {"patch": PatchEmbed, "conv": ConvStem}
+    STEMS = {"patch": PatchEmbed, "conv": ConvStem, "hmlp": HMLPStem}
 
     def __init__(
         self,
@@ -198,6 +202,7 @@ class ViT(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         stem: str = "patch",
+        dynamic_img_size: bool = False,
     ) -> None:
         super().__init__()
         if stem not in self.STEMS:
@@ -205,6 +210,7 @@ class ViT(nn.Module):
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.patch_embed = self.STEMS[stem](image_size, patch_size, in_chans, embed_dim)
+        self.patch_embed.dynamic_img_size = dynamic_img_size
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
@@ -233,9 +239,10 @@ class ViT(nn.Module):
         Returns:
             tokens ``(B, 1+N, D)``, class token first (and the attention list).
         """
+        size = tuple(x.shape[-2:]) if isinstance(x, Tensor) else None
         x = self.patch_embed(x)  # (B, N, D), checks the input
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1+N, D)
+        x = torch.cat([cls, x], dim=1) + self.interpolate_pos_encoding(*size)  # (B, 1+N, D)
         attentions = []
         for block in self.blocks:
             if return_attention:
@@ -245,6 +252,19 @@ class ViT(nn.Module):
                 x = block(x)  # (B, 1+N, D)
         x = self.norm(x)
         return (x, attentions) if return_attention else x
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> Tensor:
+        """Positions for a ``height x width`` input, ``(1, 1+N', D)``: ``pos_embed`` at the native
+        size, else its patch grid resampled bicubically to ``(height / P, width / P)`` and the class
+        token's position kept (DINO's ``interpolate_pos_encoding``)."""
+        (gh, gw), P = self.patch_embed.grid_size, self.patch_embed.patch_size
+        h, w = height // P, width // P
+        if (h, w) == (gh, gw):
+            return self.pos_embed
+        D = self.pos_embed.shape[-1]
+        grid = self.pos_embed[:, 1:].reshape(1, gh, gw, D).permute(0, 3, 1, 2)  # (1, D, gh, gw)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)  # (1, D, h, w)
+        return torch.cat([self.pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, D)], dim=1)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Class token ``(B, 1+N, D)`` -> logits ``(B, K)`` (or its features ``(B, D)``)."""
