@@ -31,7 +31,6 @@ __all__ = [
     "Block",
     "PatchEmbed",
     "ConvStem",
-    "HMLPStem",
     "sincos_pos_embed_2d",
     "sincos_embed_1d",
     "timestep_embedding",
@@ -288,44 +287,6 @@ class ConvStem(PatchEmbed):
             layers += [nn.Conv2d(cin, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
             cin = width
         layers.append(nn.Conv2d(cin, embed_dim, kernel_size=1))
-        self.proj = nn.Sequential(*layers)
-
-
-class _ChannelNorm(nn.LayerNorm):
-    """LayerNorm over the channels of a ``(B, C, H, W)`` map, each position on its own."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-class HMLPStem(PatchEmbed):
-    """The hierarchical MLP stem (Touvron et al. 2022, "Three things everyone should know about
-    Vision Transformers", section 5): log2(P) 2x2 stride-2 convolutions, each followed by a
-    per-position LayerNorm and GELU except the last. Kernel equal to stride: each token still sees
-    only its own patch (an MLP on the patch, applied in stages), so masking stays exact, yet the
-    stem is non-linear like :class:`ConvStem`. Widths D / 2^(k-1), ..., D / 2, D, with k = log2(P).
-
-    Arguments: as :class:`PatchEmbed`; ``patch_size`` must be a power of two (>= 2).
-    """
-
-    def __init__(
-        self,
-        image_size: int | tuple[int, int] = 32,
-        patch_size: int = 8,
-        in_chans: int = 3,
-        embed_dim: int = 192,
-    ) -> None:
-        super().__init__(image_size, patch_size, in_chans, embed_dim)
-        k = patch_size.bit_length() - 1
-        if patch_size < 2 or patch_size != 2**k:
-            raise ValueError(f"HMLPStem needs a power-of-two patch_size >= 2, got {patch_size}")
-        widths = [max(8, embed_dim // 2 ** (k - 1 - i)) for i in range(k)]  # e.g. D/4, D/2, D for P = 8
-        layers: list[nn.Module] = []
-        cin = in_chans
-        for width in widths[:-1]:
-            layers += [nn.Conv2d(cin, width, 2, stride=2), _ChannelNorm(width, eps=1e-6), nn.GELU()]
-            cin = width
-        layers.append(nn.Conv2d(cin, embed_dim, 2, stride=2))
         self.proj = nn.Sequential(*layers)
 
 

@@ -158,19 +158,6 @@ def test_conv_stem_is_refused() -> None:
         MAE(tiny_encoder(stem="conv"))
 
 
-def test_no_leakage_through_the_hmlp_stem() -> None:
-    torch.manual_seed(0)
-    mae = MAE(tiny_encoder(stem="hmlp"), decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2).eval()
-    x = images()
-    latent, mask, _ = mae.forward_encoder(x, 0.75, torch.Generator().manual_seed(0))
-    patches = patchify(x, P)
-    patches[mask.bool()] = torch.randn_like(patches[mask.bool()]) * 10
-    from minivfm.models.vit import unpatchify
-
-    latent2, _, _ = mae.forward_encoder(unpatchify(patches, P), 0.75, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(latent2, latent)
-
-
 def test_bad_encoders_are_refused() -> None:
     with pytest.raises(ValueError, match="num_classes=0"):
         MAE(tiny_encoder(num_classes=10))

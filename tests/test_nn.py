@@ -11,7 +11,6 @@ from minivfm.nn import (
     Attention,
     Block,
     ConvStem,
-    HMLPStem,
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
@@ -165,30 +164,13 @@ def test_conv_stem_sees_across_patches_and_patch_embed_does_not() -> None:
     x = torch.randn(1, 3, 32, 32)
     y = x.clone()
     y[:, :, 8:16, 8:16] += 1.0  # patch (1, 1) of a 4x4 grid, token 5
-    stems = (ConvStem(32, 8, 3, 16).eval(), PatchEmbed(32, 8, 3, 16), HMLPStem(32, 8, 3, 16))
+    stems = (ConvStem(32, 8, 3, 16).eval(), PatchEmbed(32, 8, 3, 16))
     for stem in stems:
         with torch.no_grad():
             changed = (stem(x) - stem(y)).abs().amax(-1)[0] > 1e-6  # (N,)
         assert changed[5]
         assert bool(changed[[4, 6, 1, 9]].any()) == (not stem.patch_local), type(stem).__name__
         assert changed.sum() == 1 or not stem.patch_local
-
-
-def test_hmlp_stem_shapes_widths_and_errors() -> None:
-    stem = HMLPStem(image_size=32, patch_size=8, in_chans=3, embed_dim=64)
-    assert stem.grid_size == (4, 4) and stem.num_patches == 16 and stem.patch_local
-    convs = [m for m in stem.proj if isinstance(m, torch.nn.Conv2d)]
-    assert [c.out_channels for c in convs] == [16, 32, 64]  # three 2x2 stride-2 convs: an MLP per patch
-    assert all(c.kernel_size == c.stride == (2, 2) for c in convs)
-    x = torch.randn(2, 3, 32, 32, requires_grad=True)
-    out = stem(x)
-    assert out.shape == (2, 16, 64)
-    out.sum().backward()
-    assert x.grad is not None and all(p.grad is not None for p in stem.parameters())
-    with pytest.raises(ValueError, match="power-of-two patch_size"):
-        HMLPStem(image_size=24, patch_size=6)
-    with pytest.raises(ValueError, match="in_chans=3"):
-        stem(torch.randn(2, 1, 32, 32))
 
 
 def test_sincos_pos_embed_2d_matches_mae() -> None:

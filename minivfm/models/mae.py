@@ -51,8 +51,7 @@ class MAEConfig:
 
     image_size: int = 32
     in_channels: int = 3
-    # the encoder: a ViT with a stem that keeps each patch to itself ("patch" or "hmlp")
-    stem: str = "patch"
+    # the encoder: a ViT with the patch stem
     patch_size: int = 4
     embed_dim: int = 64
     depth: int = 4
@@ -108,7 +107,7 @@ class MAEConfig:
         return dict(
             image_size=self.image_size, patch_size=self.patch_size, in_chans=self.in_channels, num_classes=0,
             embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-            stem=self.stem,
+            stem="patch",
         )  # fmt: skip
 
 
@@ -214,7 +213,7 @@ class MAE(nn.Module):
             raise ValueError(f"encoder: expected a minivfm ViT, got {type(encoder).__name__}")
         if not encoder.patch_embed.patch_local:
             raise ValueError(
-                f"encoder: MAE needs a stem that keeps each patch to itself (stem='patch' or 'hmlp'), got "
+                f"encoder: MAE needs a stem that keeps each patch to itself (stem='patch'), got "
                 f"{type(encoder.patch_embed).__name__}: "
                 "a convolution that sees across patch borders leaks the pixels of masked patches into the "
                 "visible tokens"
@@ -336,7 +335,6 @@ class LitMAE(L.LightningModule):
         self,
         in_channels: int | None = None,
         image_size: int | None = None,
-        stem: str | None = None,
         patch_size: int | None = None,
         embed_dim: int | None = None,
         depth: int | None = None,
@@ -359,7 +357,7 @@ class LitMAE(L.LightningModule):
         hp = self.hparams
         encoder = ViT(
             hp.image_size, hp.patch_size, hp.in_channels, 0, hp.embed_dim, hp.depth, hp.num_heads, hp.mlp_ratio,
-            stem=hp.stem,
+            stem="patch",
         )  # fmt: skip
         self.model = MAE(
             encoder, hp.decoder_embed_dim, hp.decoder_depth, hp.decoder_num_heads, hp.mlp_ratio, hp.mask_ratio,

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minivfm.nn import Block, ConvStem, HMLPStem, PatchEmbed
+from minivfm.nn import Block, ConvStem, PatchEmbed
 from minivfm.profiles import fill_from_preset
 from minivfm.profiles import profile as _profile
 
@@ -51,7 +51,7 @@ class ViTConfig:
     depth: int = 6
     num_heads: int = 3
     mlp_ratio: float = 4.0
-    stem: str = "patch"  # "patch" (the paper's, timm's), "conv" (Xiao et al. 2021) or "hmlp" (Touvron et al. 2022)
+    stem: str = "patch"  # "patch" (the paper's, timm's) or "conv" (Xiao et al. 2021)
     # training
     batch_size: int = 128
     max_epochs: int = 30
@@ -181,14 +181,12 @@ class ViT(nn.Module):
         qkv_bias: bias in the Q, K, V projections.
         stem: ``"patch"``, the paper's (and timm's) linear projection of each patch, or ``"conv"``,
             a few strided 3x3 convolutions (:class:`minivfm.nn.ConvStem`; Xiao et al. 2021) that
-            learn far faster on small data, or ``"hmlp"``, 2x2 stride-2 convolutions that stay
-            inside each patch (:class:`minivfm.nn.HMLPStem`; Touvron et al. 2022; MAE needs a stem
-            that keeps each patch to itself). Each gives ``(H / P) x (W / P)`` tokens.
+            learn far faster on small data. Either gives ``(H / P) x (W / P)`` tokens.
         dynamic_img_size: also take inputs of other sizes (sides divisible by P), with the learned
             positions resampled to their grid (:meth:`interpolate_pos_encoding`; DINO's local crops).
     """
 
-    STEMS = {"patch": PatchEmbed, "conv": ConvStem, "hmlp": HMLPStem}
+    STEMS = {"patch": PatchEmbed, "conv": ConvStem}
 
     def __init__(
         self,
