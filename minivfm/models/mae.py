@@ -474,8 +474,9 @@ def _step_ratio(model: MAE, images: Tensor, repeats: int = 10, warmup: int = 3) 
 def results(profile: str) -> dict:
     """Pretrain the MAE under ``profile`` on Shapes scenes (seed 0), then measure:
 
-    - ``recon_mse``: the masked-patch MSE (pixels in [-1, 1]) on ``num_val`` held-out images (seed 2),
-      one fixed mask; baseline: the mean training image in the masked places;
+    - ``recon_mse``: the masked-patch MSE (pixels in [-1, 1], per-patch normalised under
+      ``norm_pix_loss``, as trained) on ``num_val`` held-out images (seed 2), one fixed mask; baseline:
+      the mean training image in the masked places;
     - ``linear_probe_acc``: :func:`minivfm.metrics.linear_probe` on the frozen encoder's mean-pooled
       tokens, Shapes labels (train seed 3, test seed 4); baseline (and ``linear_probe_acc_random``):
       the same probe on a randomly initialised ViT of the same sizes;
@@ -501,6 +502,9 @@ def results(profile: str) -> dict:
     # masked-patch MSE on held-out images with one fixed mask, and the mean training image's
     x_val = shapes_in_memory(cfg.num_val, cfg.image_size, seed=2).images * 2 - 1
     mean_patches = mae.patchify(x_train.mean(0, keepdim=True))  # (1, N, P*P*C)
+    if mae.norm_pix_loss:  # the loss compares per-patch normalised pixels: normalise the baseline too
+        var = mean_patches.var(dim=-1, keepdim=True)
+        mean_patches = (mean_patches - mean_patches.mean(dim=-1, keepdim=True)) / (var + 1.0e-6) ** 0.5
     generator = torch.Generator(device).manual_seed(0)
     recon, mean_mse = [], []
     with torch.no_grad():
@@ -508,8 +512,9 @@ def results(profile: str) -> dict:
             x = x.to(device)
             _, pred, mask = mae(x, generator=generator)
             target = mae.patchify(x)
-            recon.append(mae_loss(pred.float(), target, mask).item() * len(x))
-            mean_mse.append(mae_loss(mean_patches.to(device).expand_as(target), target, mask).item() * len(x))
+            recon.append(mae_loss(pred.float(), target, mask, mae.norm_pix_loss).item() * len(x))
+            baseline = mean_patches.to(device).expand_as(target)
+            mean_mse.append(mae_loss(baseline, target, mask, mae.norm_pix_loss).item() * len(x))
 
     # linear probes: the MAE encoder and a random one of the same sizes
     probe_train = shapes_in_memory(cfg.num_probe_train, cfg.image_size, seed=3)
