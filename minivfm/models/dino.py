@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from minivfm.models.vit import ViT, adamw_warmup_cosine
+from minivfm.models.vit import ViT, adamw_warmup_cosine, map_batches, results_trainer
 from minivfm.profiles import fill_from_preset
 from minivfm.profiles import profile as _profile
 
@@ -667,28 +667,14 @@ class LitDINO(L.LightningModule):
 # -- results ----------------------------------------------------------------------------------------
 
 
-def _trainer(max_epochs: int, profile: str, gradient_clip_val: float | None = None) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=max_epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=gradient_clip_val,
-        precision="bf16-mixed" if _profile(profile) == "gpu" else "32-true",
-    )  # fmt: skip
-
-
-@torch.no_grad()
-def _class_tokens(vit: ViT, images: Tensor, batch_size: int = 500) -> Tensor:
+def _class_tokens(vit: ViT, images: Tensor) -> Tensor:
     """Frozen features: the class token after the final norm, ``(N, D)`` on the CPU."""
-    vit.eval()
-    device = next(vit.parameters()).device
-    return torch.cat([vit.forward_features(x.to(device))[:, 0].float().cpu() for x in images.split(batch_size)])
+    return map_batches(vit, lambda x: vit.forward_features(x)[:, 0].float(), images)
 
 
-@torch.no_grad()
-def _cls_attention(vit: ViT, images: Tensor, batch_size: int = 500) -> Tensor:
+def _cls_attention(vit: ViT, images: Tensor) -> Tensor:
     """The last block's class-token attention to the patches, ``(N, heads, num_patches)`` on the CPU."""
-    vit.eval()
-    device = next(vit.parameters()).device
-    return torch.cat([vit.attention_maps(x.to(device))[:, :, 0, 1:].float().cpu() for x in images.split(batch_size)])
+    return map_batches(vit, lambda x: vit.attention_maps(x)[:, :, 0, 1:].float(), images)
 
 
 def results(profile: str) -> dict:
@@ -726,7 +712,7 @@ def _results(profile: str) -> dict:
     data = torch.utils.data.StackDataset(image=train.images * 2 - 1, label=train.labels)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     lit = LitDINO.from_config(cfg)
-    _trainer(cfg.max_epochs, profile, cfg.gradient_clip_val).fit(lit, loader)
+    results_trainer(cfg.max_epochs, profile, gradient_clip_val=cfg.gradient_clip_val).fit(lit, loader)
     pretrain_seconds = time.perf_counter() - start
     dino = lit.model.backbone.eval()
     device = next(dino.parameters()).device

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minivfm.models.vit import ViT, adamw_warmup_cosine, patchify, unpatchify
+from minivfm.models.vit import ViT, adamw_warmup_cosine, map_batches, patchify, results_trainer, unpatchify
 from minivfm.nn import Block, sincos_pos_embed_2d
 from minivfm.profiles import fill_from_preset
 from minivfm.profiles import profile as _profile
@@ -411,34 +411,18 @@ class _FineTune(L.LightningModule):
 # -- results ----------------------------------------------------------------------------------------
 
 
-def _trainer(max_epochs: int, profile: str) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=max_epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-        precision="bf16-mixed" if _profile(profile) == "gpu" else "32-true",
-    )  # fmt: skip
-
-
 def _loader(images: Tensor, labels: Tensor, batch_size: int) -> torch.utils.data.DataLoader:
     data = torch.utils.data.StackDataset(image=images, label=labels.long())
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=len(images) > batch_size)
 
 
-@torch.no_grad()
-def _features(vit: ViT, images: Tensor, batch_size: int = 500) -> Tensor:
+def _features(vit: ViT, images: Tensor) -> Tensor:
     """Frozen features: the mean of the patch tokens after the final norm, ``(N, D)`` on the CPU."""
-    vit.eval()
-    device = next(vit.parameters()).device
-    return torch.cat(
-        [vit.forward_features(x.to(device))[:, 1:].mean(1).float().cpu() for x in images.split(batch_size)]
-    )
+    return map_batches(vit, lambda x: vit.forward_features(x)[:, 1:].mean(1).float(), images)
 
 
-@torch.no_grad()
-def _accuracy(vit: ViT, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
-    vit.eval()
-    device = next(vit.parameters()).device
-    pred = torch.cat([vit(x.to(device)).argmax(-1).cpu() for x in images.split(batch_size)])
+def _accuracy(vit: ViT, images: Tensor, labels: Tensor) -> float:
+    pred = map_batches(vit, lambda x: vit(x).argmax(-1), images)
     return (pred == labels).float().mean().item()
 
 
@@ -495,7 +479,7 @@ def results(profile: str) -> dict:
     train = shapes_in_memory(cfg.num_train, cfg.image_size, seed=0)
     x_train = train.images * 2 - 1  # (N, C, H, W) in [-1, 1]
     lit = LitMAE.from_config(cfg)
-    _trainer(cfg.max_epochs, profile).fit(lit, _loader(x_train, train.labels, cfg.batch_size))
+    results_trainer(cfg.max_epochs, profile).fit(lit, _loader(x_train, train.labels, cfg.batch_size))
     mae = lit.model.eval()
     device = next(mae.parameters()).device
 
@@ -540,7 +524,7 @@ def results(profile: str) -> dict:
             missing, unexpected = vit.load_state_dict(state, strict=False)
             assert set(missing) == {"head.weight", "head.bias"} and not unexpected, (missing, unexpected)
         lit_ft = _FineTune(vit, cfg.lr, cfg.weight_decay, cfg.warmup_epochs)
-        _trainer(cfg.finetune_epochs, profile).fit(lit_ft, _loader(xtr[idx], ytr[idx], min(64, cfg.batch_size)))
+        results_trainer(cfg.finetune_epochs, profile).fit(lit_ft, _loader(xtr[idx], ytr[idx], min(64, cfg.batch_size)))
         return _accuracy(vit, xte, yte)
 
     finetune_acc, scratch_acc = finetune(mae.encoder_state_dict()), finetune(None)

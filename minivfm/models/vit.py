@@ -511,6 +511,24 @@ def _trainer(cfg: ViTConfig, **kwargs) -> L.Trainer:
     return L.Trainer(**{**defaults, **kwargs})
 
 
+def results_trainer(max_epochs: int, profile: str, **kwargs) -> L.Trainer:
+    """A quiet Trainer for the ``results()`` of the models built on the ViT (MAE, DINO)."""
+    return L.Trainer(
+        max_epochs=max_epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        precision="bf16-mixed" if _profile(profile) == "gpu" else "32-true", **kwargs,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def map_batches(vit: nn.Module, fn, images: Tensor, batch_size: int = 500) -> Tensor:
+    """``fn(batch)`` over ``images`` in batches, ``vit`` in eval mode on its device; the results
+    concatenated on the CPU (frozen features, predictions, attention)."""
+    vit.eval()
+    device = next(vit.parameters()).device
+    return torch.cat([fn(x.to(device)).cpu() for x in images.split(batch_size)])
+
+
 def datamodule(cfg: ViTConfig, seed: int = 0) -> L.LightningDataModule:
     """The Shapes or Digits DataModule (``cfg.data``) sized for ``cfg``."""
     from minivfm.data import DigitsDataModule, ShapesDataModule
