@@ -77,12 +77,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, return_attention: bool = False, is_causal: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """
         Arguments:
             x: tokens ``(B, N, D)``.
             return_attention: also return the attention weights ``(B, H, N, N)``
                 (computed by an explicit softmax instead of the fused kernel).
+            is_causal: token ``i`` attends to tokens ``0..i`` only (a text encoder's causal mask).
 
         Returns:
             ``(B, N, D)``, or ``((B, N, D), (B, H, N, N))`` with ``return_attention``.
@@ -92,11 +95,14 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
         if return_attention:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+            if is_causal:
+                future = torch.ones(N, N, dtype=torch.bool, device=x.device).triu(1)  # (N, N), True above the diagonal
+                attn = attn.masked_fill(future, float("-inf"))
             attn = attn.softmax(dim=-1)
             x = self.attn_drop(attn) @ v  # (B, H, N, Dh)
         else:
             dropout_p = self.attn_drop.p if self.training else 0.0
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, H, N, Dh)
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)  # (B, H, N, Dh)
         x = x.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         x = self.proj_drop(self.proj(x))
         return (x, attn) if return_attention else x
@@ -173,18 +179,19 @@ class Block(nn.Module):
             nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
     def forward(
-        self, x: Tensor, cond: Tensor | None = None, return_attention: bool = False
+        self, x: Tensor, cond: Tensor | None = None, return_attention: bool = False, is_causal: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         """
         Arguments:
             x: tokens ``(B, N, D)``.
             cond: conditioning ``(B, cond_dim)``; required if and only if the block has ``cond_dim``.
             return_attention: also return the attention weights ``(B, H, N, N)``.
+            is_causal: causal self-attention (see :class:`Attention`).
         """
         if self.cond_dim is None:
             if cond is not None:
                 raise ValueError("cond was given but this Block was built without cond_dim")
-            h = self.attn(self.norm1(x), return_attention=return_attention)
+            h = self.attn(self.norm1(x), return_attention=return_attention, is_causal=is_causal)
             h, attn = h if return_attention else (h, None)
             x = x + h  # (B, N, D)
             x = x + self.mlp(self.norm2(x))  # (B, N, D)
@@ -194,7 +201,9 @@ class Block(nn.Module):
                 raise ValueError(f"cond must have shape (B, {self.cond_dim}), got {got}")
             mods = self.adaLN_modulation(cond).chunk(6, dim=-1)  # 6 x (B, D)
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-            h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), return_attention=return_attention)
+            h = self.attn(
+                modulate(self.norm1(x), shift_msa, scale_msa), return_attention=return_attention, is_causal=is_causal
+            )
             h, attn = h if return_attention else (h, None)
             x = x + gate_msa.unsqueeze(1) * h  # (B, N, D)
             x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))

@@ -51,6 +51,25 @@ def test_attention_matches_formula() -> None:
     torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_causal_attention_sees_only_the_past() -> None:
+    torch.manual_seed(0)
+    attn = Attention(8, num_heads=2).eval()
+    x = torch.randn(2, 5, 8)
+    fast = attn(x, is_causal=True)
+    slow, weights = attn(x, return_attention=True, is_causal=True)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert (weights.triu(1) == 0).all()
+    # token i equals attention over the prefix 0..i alone
+    for i in range(5):
+        torch.testing.assert_close(fast[:, i], attn(x[:, : i + 1])[:, i], atol=1e-5, rtol=1e-5)
+    # changing a later token leaves earlier outputs unchanged
+    y = x.clone()
+    y[:, 3:] = torch.randn(2, 2, 8)
+    torch.testing.assert_close(attn(y, is_causal=True)[:, :3], fast[:, :3])
+    block = Block(8, num_heads=2).eval()
+    torch.testing.assert_close(block(y, is_causal=True)[:, :3], block(x, is_causal=True)[:, :3])
+
+
 def test_attention_bad_heads() -> None:
     with pytest.raises(ValueError, match="divisible by num_heads"):
         Attention(30, num_heads=4)
