@@ -31,6 +31,8 @@ MODELS: dict[str, str] = {
     "vit": "minivfm.models.vit",
     "mae": "minivfm.models.mae",
     "dino": "minivfm.models.dino",
+    "clip": "minivfm.models.clip",
+    "sam": "minivfm.models.sam",
 }
 
 
