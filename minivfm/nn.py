@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "Attention",
+    "CrossAttention",
     "Mlp",
     "Block",
     "PatchEmbed",
@@ -368,3 +369,67 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         return self.mlp(timestep_embedding(t, self.freq_dim))  # (B, hidden_dim)
+
+
+class CrossAttention(nn.Module):
+    """Attention with separate query, key and value inputs (SAM's ``Attention``): each is projected
+    to an internal width ``dim / downsample_rate`` split into heads, softmax(Q K^T / sqrt(Dh)) V,
+    then projected back to ``dim``. SAM's two-way transformer uses it for token self-attention
+    (``q = k = tokens + positions``, ``v = tokens``) and, with ``downsample_rate=2``, for the
+    cross-attention between prompt tokens and image tokens.
+
+    Arguments:
+        dim: width D of the queries and of the output.
+        num_heads: heads H; the internal width ``dim // downsample_rate`` must be divisible by it.
+        downsample_rate: shrink the internal width (cheaper attention over many image tokens).
+        kv_dim: width of the keys and values; ``None`` means ``dim``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, downsample_rate: int = 1, kv_dim: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(downsample_rate, int) or downsample_rate < 1 or dim % downsample_rate:
+            raise ValueError(f"downsample_rate must be a positive int dividing dim ({dim}), got {downsample_rate!r}")
+        internal = dim // downsample_rate
+        if num_heads <= 0 or internal % num_heads:
+            raise ValueError(
+                f"the internal width dim // downsample_rate ({internal}) must be divisible by num_heads ({num_heads})"
+            )
+        kv_dim = dim if kv_dim is None else kv_dim
+        self.dim, self.kv_dim, self.internal_dim, self.num_heads = dim, kv_dim, internal, num_heads
+        self.q_proj = nn.Linear(dim, internal)
+        self.k_proj = nn.Linear(kv_dim, internal)
+        self.v_proj = nn.Linear(kv_dim, internal)
+        self.out_proj = nn.Linear(internal, dim)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        return x.reshape(B, N, self.num_heads, self.internal_dim // self.num_heads).transpose(1, 2)  # (B, H, N, Dh)
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, return_attention: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """
+        Arguments:
+            q: queries ``(B, Nq, dim)``.
+            k: keys ``(B, Nk, kv_dim)``.
+            v: values ``(B, Nk, kv_dim)``.
+            return_attention: also return the weights ``(B, H, Nq, Nk)`` (an explicit softmax).
+
+        Returns:
+            ``(B, Nq, dim)`` (and the weights).
+        """
+        if q.ndim != 3 or q.shape[-1] != self.dim:
+            raise ValueError(f"q: expected (B, Nq, {self.dim}), got {tuple(q.shape)}")
+        for name, t in (("k", k), ("v", v)):
+            if t.ndim != 3 or t.shape[-1] != self.kv_dim or t.shape[0] != q.shape[0]:
+                raise ValueError(f"{name}: expected ({q.shape[0]}, Nk, {self.kv_dim}), got {tuple(t.shape)}")
+        if k.shape[1] != v.shape[1]:
+            raise ValueError(f"k and v: expected the same number of tokens, got {k.shape[1]} and {v.shape[1]}")
+        qh, kh, vh = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        if return_attention:
+            attn = (qh @ kh.transpose(-2, -1) * qh.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, Nq, Nk)
+            out = attn @ vh  # (B, H, Nq, Dh)
+        else:
+            out = F.scaled_dot_product_attention(qh, kh, vh)  # (B, H, Nq, Dh)
+        out = self.out_proj(out.transpose(1, 2).reshape(q.shape[0], q.shape[1], self.internal_dim))  # (B, Nq, dim)
+        return (out, attn) if return_attention else out

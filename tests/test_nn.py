@@ -11,6 +11,7 @@ from minivfm.nn import (
     Attention,
     Block,
     ConvStem,
+    CrossAttention,
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
@@ -257,3 +258,56 @@ def test_determinism() -> None:
         x = torch.randn(2, 5, 16)
         outs.append(block(x))
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+# -- CrossAttention (SAM's Attention) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("downsample_rate", [1, 2])
+def test_cross_attention_matches_the_formula(downsample_rate: int) -> None:
+    torch.manual_seed(0)
+    D, H, kv = 16, 2, 12
+    attn = CrossAttention(D, H, downsample_rate=downsample_rate, kv_dim=kv)
+    Di = D // downsample_rate
+    assert attn.q_proj.out_features == Di and attn.out_proj.in_features == Di
+    q, k, v = torch.randn(3, 5, D), torch.randn(3, 7, kv), torch.randn(3, 7, kv)
+    out, weights = attn(q, k, v, return_attention=True)
+    assert out.shape == (3, 5, D) and weights.shape == (3, H, 5, 7)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, H, 5))
+    # by hand: per head h, softmax(q_h k_h^T / sqrt(Dh)) v_h, heads concatenated, then out_proj
+    Q, K, V = attn.q_proj(q), attn.k_proj(k), attn.v_proj(v)
+    Dh = Di // H
+    heads = []
+    for h in range(H):
+        sl = slice(h * Dh, (h + 1) * Dh)
+        w = torch.softmax(Q[..., sl] @ K[..., sl].transpose(1, 2) / math.sqrt(Dh), dim=-1)
+        heads.append(w @ V[..., sl])
+    expected = attn.out_proj(torch.cat(heads, dim=-1))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(q, k, v), expected, atol=1e-5, rtol=1e-5)  # the fused kernel agrees
+    _grads_everywhere(attn, out.pow(2).mean())
+
+
+def test_cross_attention_values_are_not_keys() -> None:
+    torch.manual_seed(0)
+    attn = CrossAttention(8, 2)
+    q, k, v = torch.randn(1, 3, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+    # the same keys with different values: the weights are the same, the outputs differ
+    _, w1 = attn(q, k, v, return_attention=True)
+    _, w2 = attn(q, k, v + 1, return_attention=True)
+    torch.testing.assert_close(w1, w2)
+    assert not torch.allclose(attn(q, k, v), attn(q, k, v + 1))
+
+
+def test_cross_attention_errors() -> None:
+    with pytest.raises(ValueError, match="num_heads"):
+        CrossAttention(16, 3)
+    with pytest.raises(ValueError, match="downsample_rate"):
+        CrossAttention(16, 2, downsample_rate=3)
+    attn = CrossAttention(8, 2)
+    with pytest.raises(ValueError, match="q: expected"):
+        attn(torch.randn(1, 3, 4), torch.randn(1, 4, 8), torch.randn(1, 4, 8))
+    with pytest.raises(ValueError, match="k and v"):
+        attn(torch.randn(1, 3, 8), torch.randn(1, 4, 8), torch.randn(1, 5, 8))
+    with pytest.raises(ValueError, match="v: expected"):
+        attn(torch.randn(1, 3, 8), torch.randn(1, 4, 8), torch.randn(2, 4, 8))
