@@ -23,6 +23,7 @@ __all__ = [
     "attention_maps",
     "image_grid",
     "mask_overlay",
+    "prompt_masks",
     "save_figure",
     "to_numpy_images",
     "training_curves",
@@ -163,6 +164,64 @@ def mask_overlay(
                 axes[i].add_patch(rect)
         if captions is not None:
             axes[i].set_title(_wrap(captions[i]), fontsize=6)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def prompt_masks(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    points: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    point_labels: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    boxes: torch.Tensor | None = None,
+    titles: Sequence[str] | None = None,
+    nrow: int = 6,
+    alpha: float = 0.5,
+    path: str | os.PathLike | None = None,
+    title: str | None = None,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+) -> Figure:
+    """One binary mask per panel over its image, with the prompt that asked for it: points (``(N, 2)``
+    pixel coordinates ``x, y`` per panel; label 1 a green star, 0 a red cross, -1 not drawn) and boxes
+    (``(4,)`` ``x0, y0, x1, y1`` pixel edges per panel, NaN for none), as promptable segmentation shows them.
+
+    Arguments:
+        images: ``(B, C, H, W)``; masks: ``(B, H, W)`` bool (or 0/1).
+        points, point_labels: ``B`` tensors ``(N, 2)`` and ``(N,)`` (or stacked ``(B, N, 2)``, ``(B, N)``).
+        boxes: ``(B, 4)``.
+        titles: one per panel (a score, say).
+    """
+    arr = to_numpy_images(images, value_range)
+    masks = torch.as_tensor(masks).detach().cpu()
+    if masks.ndim != 3 or masks.shape[0] != len(arr) or tuple(masks.shape[1:]) != arr.shape[1:3]:
+        raise ValueError(
+            f"masks: expected shape {(len(arr), *arr.shape[1:3])} to match the images, got {tuple(masks.shape)}"
+        )
+    for name, value in (("points", points), ("point_labels", point_labels), ("boxes", boxes), ("titles", titles)):
+        if value is not None and len(value) != len(arr):
+            raise ValueError(f"{name}: expected one entry per image ({len(arr)}), got {len(value)}")
+    fig, axes = _grid_axes(len(arr), nrow, cell=1.6, title=title)
+    color = np.array([0.12, 0.56, 1.0])
+    for i, img in enumerate(arr):
+        sel = masks[i].bool().numpy()
+        over = img.copy()
+        over[sel] = (1 - alpha) * over[sel] + alpha * color
+        axes[i].imshow(over, interpolation="nearest")
+        if boxes is not None and not torch.isnan(torch.as_tensor(boxes[i]).float()).any():
+            x0, y0, x1, y1 = torch.as_tensor(boxes[i]).float().tolist()
+            axes[i].add_patch(
+                plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1.2, edgecolor="lime")
+            )
+        if points is not None:
+            pts = torch.as_tensor(points[i]).float().reshape(-1, 2).tolist()
+            labs = torch.ones(len(pts)) if point_labels is None else torch.as_tensor(point_labels[i]).reshape(-1)
+            for (x, y), lab in zip(pts, labs.tolist()):
+                if lab == 1:
+                    axes[i].plot(x, y, marker="*", ms=9, color="lime", markeredgecolor="black", mew=0.6)
+                elif lab == 0:
+                    axes[i].plot(x, y, marker="X", ms=7, color="red", markeredgecolor="black", mew=0.6)
+        if titles is not None:
+            axes[i].set_title(str(titles[i]), fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
 
