@@ -61,6 +61,8 @@ __all__ = [
     "retrieval_recall",
     "clip_score",
     "mentions",
+    "drop_positions",
+    "hard_negative",
     "results",
 ]
 
@@ -579,6 +581,10 @@ class LitCLIP(L.LightningModule):
     ``image`` ``(B, C, H, W)`` and ``caption`` (B str), tokenized here. Logs ``train/val/test``
     ``loss``, ``logit_scale`` in training, and, when the batch has Shapes ``label``\\ s, the 12-way
     ``zeroshot_acc`` on validation and test batches (prompts ensembled over :data:`TEMPLATES`).
+
+    Training captions are augmented: a share ``position_dropout`` of them lose their position phrases
+    (:func:`drop_positions`), and with ``hard_negatives`` each also appears with one colour or kind
+    swapped (:func:`hard_negative`, never naming a class of ``exclude``) as an extra negative text.
 
     Arguments left ``None`` come from ``CLIPConfig.preset()`` for the active profile. AdamW (weight
     decay on weight matrices only), linear warmup then cosine decay per step. ``max_epochs`` trains
