@@ -176,14 +176,15 @@ def prompt_masks(
     boxes: torch.Tensor | None = None,
     titles: Sequence[str] | None = None,
     nrow: int = 6,
-    alpha: float = 0.5,
+    alpha: float = 0.6,
     path: str | os.PathLike | None = None,
     title: str | None = None,
     value_range: tuple[float, float] = (-1.0, 1.0),
 ) -> Figure:
-    """One binary mask per panel over its image, with the prompt that asked for it: points (``(N, 2)``
-    pixel coordinates ``x, y`` per panel; label 1 a green star, 0 a red cross, -1 not drawn) and boxes
-    (``(4,)`` ``x0, y0, x1, y1`` pixel edges per panel, NaN for none), as promptable segmentation shows them.
+    """One binary mask per panel (outlined in white, the outside darkened by ``alpha``) with the prompt
+    that asked for it: points (``(N, 2)`` pixel coordinates ``x, y`` per panel; label 1 a green star, 0 a
+    red cross, -1 not drawn) and boxes (``(4,)`` ``x0, y0, x1, y1`` pixel edges per panel, NaN for none),
+    as promptable segmentation shows them.
 
     Arguments:
         images: ``(B, C, H, W)``; masks: ``(B, H, W)`` bool (or 0/1).
@@ -201,12 +202,13 @@ def prompt_masks(
         if value is not None and len(value) != len(arr):
             raise ValueError(f"{name}: expected one entry per image ({len(arr)}), got {len(value)}")
     fig, axes = _grid_axes(len(arr), nrow, cell=1.6, title=title)
-    color = np.array([0.12, 0.56, 1.0])
     for i, img in enumerate(arr):
         sel = masks[i].bool().numpy()
         over = img.copy()
-        over[sel] = (1 - alpha) * over[sel] + alpha * color
+        over[~sel] *= 1 - alpha  # outside the mask darkened, whatever the colours of the shapes
         axes[i].imshow(over, interpolation="nearest")
+        if sel.any() and not sel.all():
+            axes[i].contour(sel.astype(float), levels=[0.5], colors="white", linewidths=0.9)
         if boxes is not None and not torch.isnan(torch.as_tensor(boxes[i]).float()).any():
             x0, y0, x1, y1 = torch.as_tensor(boxes[i]).float().tolist()
             axes[i].add_patch(

@@ -360,7 +360,7 @@ def test_lit_sam_fills_from_the_preset(monkeypatch) -> None:
     monkeypatch.setenv("MINIVFM_PROFILE", "ci")
     lit = LitSAM()
     assert "profile" not in lit.hparams and lit.hparams.max_steps == CFG.max_steps
-    assert all(v is not None for k, v in lit.hparams.items() if k != "mae_checkpoint"), dict(lit.hparams)
+    assert all(v is not None for v in lit.hparams.values()), dict(lit.hparams)
     assert LitSAM.from_config(CFG, decoder_dim=16).model.prompt_encoder.embed_dim == 16
     for name in ("ci", "cpu", "gpu"):
         cfg = SAMConfig.preset(name)
@@ -395,5 +395,51 @@ def test_results_ci_reports_every_key_with_baselines() -> None:
     keys = {"miou_point", "miou_point_oracle", "miou_box", "miou_point_scratch", "seconds", "baselines"}
     assert keys <= set(out), out
     assert {"miou_point", "miou_point_oracle", "miou_box"} <= set(out["baselines"])
-    assert 0 <= out["miou_point"] <= out["miou_point_oracle"] <= 1  # ci trains 60 steps: no quality claim
+    assert 0 <= out["miou_point"] <= out["miou_point_oracle"] <= 1  # ci trains 150 steps: no quality claim
     assert 0.3 < out["baselines"]["miou_box"] < 1 and out["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_minivfm_fit_runs_configs_sam_yaml_from_an_mae_checkpoint(tmp_path) -> None:
+    """``minivfm fit --config configs/sam.yaml`` end to end under ci, its encoder from an MAE checkpoint."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from minivfm.models.mae import LitMAE
+
+    root = Path(__file__).resolve().parents[1]
+    mae = LitMAE(profile="ci")
+    ckpt = tmp_path / "mae.ckpt"
+    torch.save({"state_dict": mae.state_dict()}, ckpt)
+    env = {**os.environ, "MINIVFM_PROFILE": "ci", "WANDB_MODE": "disabled"}
+    args = ["fit", "--config", str(root / "configs/sam.yaml"), "--trainer.max_steps", "6",
+            "--data.init_args.num_train", "128", "--data.init_args.num_val", "32", "--data.init_args.num_test", "32",
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--model.init_args.mae_checkpoint", str(ckpt)]  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "minivfm", *args], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "test/miou_point = " in out.stdout and "test/miou_box = " in out.stdout, out.stdout[-2000:]
+    version = next(tmp_path.glob("sam/version_0"))
+    assert list(version.glob("checkpoints/*.ckpt")) and (version / "curves.png").exists()
+
+
+def test_viz_prompt_masks_draws_points_and_boxes(tmp_path) -> None:
+    from minivfm import viz
+
+    x = images(2)
+    masks = torch.stack([disc(10, 10, 5), disc(20, 20, 4)])
+    fig = viz.prompt_masks(x, masks, points=[torch.tensor([[10.0, 10.0], [3.0, 3.0]]), torch.zeros(0, 2)],
+                           point_labels=[torch.tensor([1, 0]), torch.zeros(0)],
+                           boxes=torch.tensor([[float("nan")] * 4, [15.0, 15.0, 25.0, 25.0]]),
+                           titles=["a point", "a box"], path=tmp_path / "p.png")  # fmt: skip
+    assert (tmp_path / "p.png").exists()
+    ax0, ax1 = fig.axes[:2]
+    assert len(ax0.lines) == 2 and len(ax0.patches) == 0  # a star and a cross, no box
+    assert len(ax1.lines) == 0 and len(ax1.patches) == 1
+    with pytest.raises(ValueError, match="masks"):
+        viz.prompt_masks(x, masks[:1])
+    with pytest.raises(ValueError, match="titles"):
+        viz.prompt_masks(x, masks, titles=["one"])

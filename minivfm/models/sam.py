@@ -34,7 +34,9 @@ convolutions, 4x), resizes it bilinearly to the image size and adds a small full
 convolutional feature of the image (two 3x3 convolutions on the pixels, computed once per image with the encoder), as
 HQ-SAM (Ke et al. 2023) fuses early high-resolution features into SAM's mask features: the
 transformer decides *which* shape the prompt means on the coarse grid, the pixel features say where
-its edges are. Masks come out at the image's resolution; ``low_res`` logits (SAM's 4x the token grid)
+its edges are. Measured under ``cpu`` (MAE start, 1,500 steps, one run each): with these features a point
+gives a mean IoU of 0.907 and a box 0.916; with them set to zero, 0.832 and 0.845. Masks come out at the
+image's resolution; ``low_res`` logits (SAM's 4x the token grid)
 are their average-pooled copy, the size a coarse ``mask_input`` takes.
 
 Differences from SAM kept small on purpose: the hypernetworks and the IoU head are the two-layer
@@ -120,7 +122,7 @@ class SAMConfig:
         if name == "ci":
             return cls(
                 **enc, decoder_dim=32, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64, upscale_dim=8,
-                batch_size=32, max_steps=60, lr=2e-3, warmup_steps=10, num_train=512, num_test=64,
+                batch_size=32, max_steps=150, lr=2e-3, warmup_steps=10, num_train=512, num_test=64,
             )  # fmt: skip
         if name == "cpu":
             return cls(
@@ -962,7 +964,7 @@ class LitSAM(L.LightningModule):
 
     Arguments:
         mae_checkpoint: a path to a ``LitMAE`` checkpoint (``minivfm fit --config configs/mae.yaml`` writes
-            one) whose encoder starts the image encoder; ``None``: start from scratch (or call
+            one) whose encoder starts the image encoder; ``""``: start from scratch (or call
             ``lit.model.load_mae_encoder(mae.encoder_state_dict())`` in Python).
     """
 
@@ -988,7 +990,7 @@ class LitSAM(L.LightningModule):
         dice_weight: float | None = None,
         iou_weight: float | None = None,
         max_steps: int | None = None,
-        mae_checkpoint: str | None = None,
+        mae_checkpoint: str = "",
         profile: str | None = None,
     ) -> None:
         super().__init__()
