@@ -419,7 +419,8 @@ def test_results_ci_reports_every_key_with_baselines() -> None:
     from minivfm.results import runner
 
     out = runner("clip")("ci")
-    keys = {"zeroshot_acc", "zeroshot_acc_siglip", "zeroshot_heldout_acc", "retrieval_r1_i2t", "retrieval_r1_t2i"}
+    keys = {"zeroshot_acc", "zeroshot_acc_siglip", "zeroshot_acc_one_shape", "zeroshot_heldout_acc"}
+    keys |= {"zeroshot_heldout_acc_seen", "retrieval_r1_i2t", "retrieval_r1_t2i"}
     assert keys | {"seconds", "baselines"} <= set(out), out
     assert out["baselines"]["zeroshot_acc"] == pytest.approx(1 / 12)
     assert out["baselines"]["retrieval_r1_i2t"] == pytest.approx(1 / CLIPConfig.preset("ci").num_retrieval)
