@@ -82,6 +82,8 @@ EXPECTED = {
     "ddpm": (["test/loss = ", "sample_fd = ", "sample_acc = "], ["samples.png"]),
     "mae": (["test/loss = "], ["reconstructions.png"]),
     "dino": (["test/loss = "], []),
+    "clip": (["test/loss = ", "test/zeroshot_acc = "], []),
+    "sam": (["test/miou_point = ", "test/miou_box = "], []),
 }
 
 
