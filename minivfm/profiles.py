@@ -161,3 +161,13 @@ def fill_from_preset(module, preset) -> None:
     hparams.pop("profile", None)
     module.hparams.clear()
     module.save_hyperparameters(hparams)
+
+
+def preset_arguments(cfg, cls) -> dict:
+    """The fields of the preset dataclass ``cfg`` that are arguments of ``cls.__init__``, as a dict:
+    what a ``Lit<Model>.from_config(cfg)`` passes to its constructor."""
+    import inspect
+    from dataclasses import asdict, fields
+
+    names = {f.name for f in fields(cfg)} & set(inspect.signature(cls.__init__).parameters)
+    return {k: v for k, v in asdict(cfg).items() if k in names}

@@ -98,3 +98,21 @@ def test_fill_from_preset_reaches_through_a_subclass_that_takes_kwargs() -> None
     cfg = ViTConfig.preset("ci")
     assert model.hparams["depth"] == 1 and model.hparams["embed_dim"] == cfg.embed_dim
     assert all(v is not None for v in model.hparams.values())
+
+
+def test_preset_arguments_keeps_the_constructor_arguments_only() -> None:
+    from dataclasses import dataclass
+
+    from minivfm.profiles import preset_arguments
+
+    @dataclass
+    class Config:
+        width: int = 8
+        depth: int = 2
+        num_train: int = 100  # data size, not a model argument
+
+    class Model:
+        def __init__(self, width: int | None = None, depth: int | None = None, profile: str | None = None) -> None:
+            pass
+
+    assert preset_arguments(Config(width=16), Model) == {"width": 16, "depth": 2}

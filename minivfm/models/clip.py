@@ -29,11 +29,10 @@ D width of an encoder, E joint embedding width, K classes, T prompt templates, N
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -43,7 +42,7 @@ from torch import Tensor, nn
 from minivfm.data.shapes import DEFAULT_COLORS, POSITION_PHRASES, SHAPES, SIZES, VOCAB
 from minivfm.models.vit import ViT, adamw_warmup_cosine, map_batches, results_trainer
 from minivfm.nn import Block
-from minivfm.profiles import fill_from_preset
+from minivfm.profiles import fill_from_preset, preset_arguments
 from minivfm.profiles import profile as _profile
 
 __all__ = [
@@ -637,8 +636,7 @@ class LitCLIP(L.LightningModule):
     @classmethod
     def from_config(cls, cfg: CLIPConfig, **overrides) -> LitCLIP:
         """Build from a :class:`CLIPConfig` (the fields that are constructor arguments)."""
-        names = {f.name for f in fields(cfg)} & set(inspect.signature(LitCLIP.__init__).parameters)
-        return cls(**{**{k: v for k, v in asdict(cfg).items() if k in names}, **overrides})
+        return cls(**{**preset_arguments(cfg, LitCLIP), **overrides})
 
     def forward(self, images: Tensor) -> Tensor:
         """Normalised image embeddings ``(B, E)``."""

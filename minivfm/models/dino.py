@@ -32,10 +32,9 @@ L local), D backbone width, K prototypes (``out_dim``).
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -45,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from minivfm.models.vit import ViT, adamw_warmup_cosine, map_batches, results_trainer
-from minivfm.profiles import fill_from_preset
+from minivfm.profiles import fill_from_preset, preset_arguments
 from minivfm.profiles import profile as _profile
 
 __all__ = [
@@ -618,8 +617,7 @@ class LitDINO(L.LightningModule):
     @classmethod
     def from_config(cls, cfg: DINOConfig, **overrides) -> LitDINO:
         """Build from a :class:`DINOConfig` (the fields that are constructor arguments)."""
-        names = {f.name for f in fields(cfg)} & set(inspect.signature(LitDINO.__init__).parameters)
-        return cls(**{**{k: v for k, v in asdict(cfg).items() if k in names}, **overrides})
+        return cls(**{**preset_arguments(cfg, LitDINO), **overrides})
 
     def forward(self, images: Tensor) -> Tensor:
         """The teacher backbone's class token, ``(B, D)``: the features DINO evaluates."""

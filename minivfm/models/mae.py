@@ -24,10 +24,9 @@ K = int(N (1 - mask_ratio)) visible patches, D encoder width, Dd decoder width.
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 
 from minivfm.models.vit import ViT, adamw_warmup_cosine, map_batches, patchify, results_trainer, unpatchify
 from minivfm.nn import Block, sincos_pos_embed_2d
-from minivfm.profiles import fill_from_preset
+from minivfm.profiles import fill_from_preset, preset_arguments
 from minivfm.profiles import profile as _profile
 
 __all__ = ["MAEConfig", "random_masking", "mae_loss", "MAE", "LitMAE", "results"]
@@ -367,8 +366,7 @@ class LitMAE(L.LightningModule):
     @classmethod
     def from_config(cls, cfg: MAEConfig, **overrides) -> LitMAE:
         """Build from a :class:`MAEConfig` (the fields that are constructor arguments)."""
-        names = {f.name for f in fields(cfg)} & set(inspect.signature(LitMAE.__init__).parameters)
-        return cls(**{**{k: v for k, v in asdict(cfg).items() if k in names}, **overrides})
+        return cls(**{**preset_arguments(cfg, LitMAE), **overrides})
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.model(images)  # (loss, pred, mask)

@@ -51,10 +51,9 @@ outputs (3 or 1), C decoder width, Cu upscaled width, h x w token grid, H x W im
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import lightning as L
 import torch
@@ -64,7 +63,7 @@ from torch import Tensor, nn
 from minivfm.models.mae import MAEConfig
 from minivfm.models.vit import ViT, adamw_warmup_cosine, results_trainer
 from minivfm.nn import CrossAttention, Mlp
-from minivfm.profiles import fill_from_preset
+from minivfm.profiles import fill_from_preset, preset_arguments
 from minivfm.profiles import profile as _profile
 
 __all__ = [
@@ -1010,8 +1009,7 @@ class LitSAM(L.LightningModule):
     @classmethod
     def from_config(cls, cfg: SAMConfig, **overrides) -> LitSAM:
         """Build from a :class:`SAMConfig` (the fields that are constructor arguments)."""
-        names = {f.name for f in fields(cfg)} & set(inspect.signature(LitSAM.__init__).parameters)
-        return cls(**{**{k: v for k, v in asdict(cfg).items() if k in names}, **overrides})
+        return cls(**{**preset_arguments(cfg, LitSAM), **overrides})
 
     def forward(self, images: Tensor, image_index: Tensor | None = None, **prompts) -> tuple[Tensor, Tensor]:
         return self.model(images, image_index, **prompts)

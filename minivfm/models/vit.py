@@ -19,10 +19,9 @@ D width, L depth, K classes.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import lightning as L
 import torch
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minivfm.nn import Block, ConvStem, PatchEmbed
-from minivfm.profiles import fill_from_preset
+from minivfm.profiles import fill_from_preset, preset_arguments
 from minivfm.profiles import profile as _profile
 
 __all__ = ["ViTConfig", "patchify", "unpatchify", "random_shift", "ViT", "ViTClassifier", "results"]
@@ -449,8 +448,7 @@ class ViTClassifier(L.LightningModule):
     @classmethod
     def from_config(cls, cfg: ViTConfig, **overrides) -> ViTClassifier:
         """Build from a :class:`ViTConfig` (the fields that are constructor arguments)."""
-        names = {f.name for f in fields(cfg)} & set(inspect.signature(ViTClassifier.__init__).parameters)
-        return cls(**{**{k: v for k, v in asdict(cfg).items() if k in names}, **overrides})
+        return cls(**{**preset_arguments(cfg, ViTClassifier), **overrides})
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)  # (B, K)
