@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minivfm.data.shapes import DEFAULT_COLORS, POSITION_PHRASES, SHAPES, SIZES, VOCAB
-from minivfm.models.vit import ViT, adamw_warmup_cosine, map_batches, results_trainer
+from minivfm.models.vit import ViT, adamw_warmup_cosine, headless_kwargs, map_batches, results_trainer
 from minivfm.nn import Block
 from minivfm.profiles import fill_from_preset, preset_arguments
 from minivfm.profiles import profile as _profile
@@ -138,11 +138,7 @@ class CLIPConfig:
 
     def image_kwargs(self) -> dict:
         """The arguments of the image encoder :class:`ViT` (no head)."""
-        return dict(
-            image_size=self.image_size, patch_size=self.patch_size, in_chans=self.in_channels, num_classes=0,
-            embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-            stem=self.stem,
-        )  # fmt: skip
+        return headless_kwargs(self, stem=self.stem)
 
 
 # -- text -------------------------------------------------------------------------------------------
@@ -619,10 +615,7 @@ class LitCLIP(L.LightningModule):
         self.save_hyperparameters()
         fill_from_preset(self, CLIPConfig.preset(profile))
         hp = self.hparams
-        visual = ViT(
-            hp.image_size, hp.patch_size, hp.in_channels, 0, hp.embed_dim, hp.depth, hp.num_heads, hp.mlp_ratio,
-            stem=hp.stem,
-        )  # fmt: skip
+        visual = ViT(**headless_kwargs(hp, stem=hp.stem))
         tokenizer = Tokenizer()
         text = TextEncoder(tokenizer.vocab_size, hp.context_length, hp.text_width, hp.text_depth, hp.text_heads,
                            hp.mlp_ratio)  # fmt: skip

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from minivfm.models.vit import ViT, adamw_warmup_cosine, map_batches, results_trainer
+from minivfm.models.vit import ViT, adamw_warmup_cosine, headless_kwargs, map_batches, results_trainer
 from minivfm.profiles import fill_from_preset, preset_arguments
 from minivfm.profiles import profile as _profile
 
@@ -146,11 +146,7 @@ class DINOConfig:
 
     def backbone_kwargs(self) -> dict:
         """The arguments of the backbone :class:`ViT` (no head; any input size for the local views)."""
-        return dict(
-            image_size=self.image_size, patch_size=self.patch_size, in_chans=self.in_channels, num_classes=0,
-            embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-            stem=self.stem, dynamic_img_size=True,
-        )  # fmt: skip
+        return headless_kwargs(self, stem=self.stem, dynamic_img_size=True)
 
 
 # -- the functions a lesson rebuilds ----------------------------------------------------------------
@@ -604,10 +600,7 @@ class LitDINO(L.LightningModule):
         self.save_hyperparameters()
         fill_from_preset(self, DINOConfig.preset(profile))
         hp = self.hparams
-        backbone = ViT(
-            hp.image_size, hp.patch_size, hp.in_channels, 0, hp.embed_dim, hp.depth, hp.num_heads, hp.mlp_ratio,
-            stem=hp.stem, dynamic_img_size=True,
-        )  # fmt: skip
+        backbone = ViT(**headless_kwargs(hp, stem=hp.stem, dynamic_img_size=True))
         self.model = DINO(
             backbone, hp.out_dim, hp.hidden_dim, hp.bottleneck_dim, hp.num_local_crops, hp.local_size,
             tuple(hp.global_scale), tuple(hp.local_scale), (hp.brightness, hp.contrast, hp.channel_gain),

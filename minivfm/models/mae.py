@@ -33,7 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minivfm.models.vit import ViT, adamw_warmup_cosine, map_batches, patchify, results_trainer, unpatchify
+from minivfm.models.vit import (
+    ViT,
+    adamw_warmup_cosine,
+    headless_kwargs,
+    map_batches,
+    patchify,
+    results_trainer,
+    unpatchify,
+)
 from minivfm.nn import Block, sincos_pos_embed_2d
 from minivfm.profiles import fill_from_preset, preset_arguments
 from minivfm.profiles import profile as _profile
@@ -103,11 +111,7 @@ class MAEConfig:
 
     def encoder_kwargs(self) -> dict:
         """The arguments of the encoder :class:`ViT` (no head, the patch stem)."""
-        return dict(
-            image_size=self.image_size, patch_size=self.patch_size, in_chans=self.in_channels, num_classes=0,
-            embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-            stem="patch",
-        )  # fmt: skip
+        return headless_kwargs(self, stem="patch")
 
 
 # -- the functions a lesson rebuilds ----------------------------------------------------------------
@@ -354,10 +358,7 @@ class LitMAE(L.LightningModule):
         self.save_hyperparameters()
         fill_from_preset(self, MAEConfig.preset(profile))
         hp = self.hparams
-        encoder = ViT(
-            hp.image_size, hp.patch_size, hp.in_channels, 0, hp.embed_dim, hp.depth, hp.num_heads, hp.mlp_ratio,
-            stem="patch",
-        )  # fmt: skip
+        encoder = ViT(**headless_kwargs(hp, stem="patch"))
         self.model = MAE(
             encoder, hp.decoder_embed_dim, hp.decoder_depth, hp.decoder_num_heads, hp.mlp_ratio, hp.mask_ratio,
             hp.norm_pix_loss,

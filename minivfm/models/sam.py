@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minivfm.models.mae import MAEConfig
-from minivfm.models.vit import ViT, adamw_warmup_cosine, results_trainer
+from minivfm.models.vit import ViT, adamw_warmup_cosine, headless_kwargs, results_trainer
 from minivfm.nn import CrossAttention, Mlp
 from minivfm.profiles import fill_from_preset, preset_arguments
 from minivfm.profiles import profile as _profile
@@ -135,11 +135,7 @@ class SAMConfig:
 
     def encoder_kwargs(self) -> dict:
         """The arguments of the image encoder's :class:`ViT` (MAE's: no head, the patch stem)."""
-        return dict(
-            image_size=self.image_size, patch_size=self.patch_size, in_chans=self.in_channels, num_classes=0,
-            embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-            stem="patch",
-        )  # fmt: skip
+        return headless_kwargs(self, stem="patch")
 
 
 # -- the functions a lesson rebuilds ----------------------------------------------------------------

@@ -518,6 +518,17 @@ def results_trainer(max_epochs: int, profile: str, **kwargs) -> L.Trainer:
     )  # fmt: skip
 
 
+def headless_kwargs(sizes, stem: str, **extra) -> dict:
+    """The arguments of a :class:`ViT` without a head (an encoder or a backbone), from ``sizes``: a
+    config or ``hparams`` with ``image_size``, ``patch_size``, ``in_channels``, ``embed_dim``, ``depth``,
+    ``num_heads`` and ``mlp_ratio``; ``extra`` adds more arguments (``dynamic_img_size``)."""
+    return dict(
+        image_size=sizes.image_size, patch_size=sizes.patch_size, in_chans=sizes.in_channels, num_classes=0,
+        embed_dim=sizes.embed_dim, depth=sizes.depth, num_heads=sizes.num_heads, mlp_ratio=sizes.mlp_ratio,
+        stem=stem, **extra,
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def map_batches(vit: nn.Module, fn, images: Tensor, batch_size: int = 500) -> Tensor:
     """``fn(batch)`` over ``images`` in batches, ``vit`` in eval mode on its device; the results
